@@ -1,0 +1,110 @@
+"""Distances to the memory bank, chunked top-k, and the anomaly map (spec sections 3-4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # memory budget for one block of the (patches x centres) product
+
+
+def chunk_rows(n_centres: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Number of patches whose float32 distances to all centres fit in the budget (x2 for top-k)."""
+    return max(1, budget_bytes // (8 * max(n_centres, 1)))
+
+
+def squared_distances(p: Tensor, centres: Tensor, centres_sq: Tensor | None = None) -> Tensor:
+    """d = ||p||^2 + ||c||^2 - 2 p.c in float32: (N, D'), (M, D') -> (N, M). May be slightly < 0."""
+    p = p.float()
+    centres = centres.float()
+    if centres_sq is None:
+        centres_sq = centres.pow(2).sum(dim=1)
+    d = torch.addmm(centres_sq.unsqueeze(0), p, centres.t(), beta=1.0, alpha=-2.0)  # (N, M)
+    return d + p.pow(2).sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def nearest_centres(
+    p: Tensor, centres: Tensor, k: int, budget_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[Tensor, Tensor]:
+    """The k smallest squared distances of every patch, ascending, and their centre indices.
+
+    p: (N, D'), centres: (M, D') -> values (N, k) float32, indices (N, k) int64. Computed in
+    chunks of patches so peak memory is bounded by `budget_bytes`, whatever N and M are.
+    """
+    if k > centres.shape[0]:
+        raise ValueError(
+            f"need {k} nearest centres but the memory bank holds only {centres.shape[0]}; "
+            "lower model.gamma_c or model.K / model.J"
+        )
+    centres_sq = centres.float().pow(2).sum(dim=1)
+    step = chunk_rows(centres.shape[0], budget_bytes)
+    values, indices = [], []
+    for start in range(0, p.shape[0], step):
+        d = squared_distances(p[start : start + step], centres, centres_sq)  # (n, M)
+        v, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
+
+
+class _SelectedSquaredDistance(torch.autograd.Function):
+    """||p_n - c_{idx[n, j]}||^2 for the selected centres only; saves indices, not (N, k, D')."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, centres: Tensor, idx: Tensor, step: int) -> Tensor:
+        out = torch.empty(idx.shape, dtype=torch.float32, device=p.device)  # (N, k)
+        for s in range(0, p.shape[0], step):
+            diff = p[s : s + step].float().unsqueeze(1) - centres[idx[s : s + step]].float()
+            out[s : s + step] = diff.pow(2).sum(dim=-1)
+        ctx.save_for_backward(p, centres, idx)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        p, centres, idx = ctx.saved_tensors
+        grad_p = torch.empty_like(p, dtype=torch.float32)
+        for s in range(0, p.shape[0], ctx.step):
+            g = grad_out[s : s + ctx.step]  # (n, k)
+            c_sel = centres[idx[s : s + ctx.step]].float()  # (n, k, D')
+            pulled = torch.einsum("nk,nkd->nd", g, c_sel)
+            grad_p[s : s + ctx.step] = 2.0 * (
+                p[s : s + ctx.step].float() * g.sum(1, keepdim=True) - pulled
+            )
+        return grad_p.to(p.dtype), None, None, None
+
+
+def selected_squared_distances(
+    p: Tensor, centres: Tensor, idx: Tensor, budget_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Tensor:
+    """Differentiable (w.r.t. p) squared distances to the centres in idx: (N, D'), (N, k) -> (N, k)."""
+    per_row = 4 * idx.shape[1] * centres.shape[1] * 3  # gathered centres, difference, square
+    step = max(1, budget_bytes // max(per_row, 1))
+    return _SelectedSquaredDistance.apply(p, centres.detach(), idx, step)
+
+
+def patch_scores(nearest_sq: Tensor) -> Tensor:
+    """s = softmin(e_1..e_K)[0] * e_1 with e_k = sqrt(max(d_(k), 0)): (N, K) -> (N,)."""
+    e = nearest_sq.clamp_min(0).sqrt()  # clamp before sqrt: the expanded form can dip below 0
+    return F.softmin(e, dim=1)[:, 0] * e[:, 0]
+
+
+def gaussian_sigma_kernel(sigma: float) -> int:
+    """Odd kernel size covering +-4 sigma (sigma 4 -> 33, as in the spec)."""
+    return 2 * math.ceil(4 * sigma) + 1
+
+
+def anomaly_map(scores: Tensor, output_size: tuple[int, int], sigma: float = 4.0) -> Tensor:
+    """(B, h, w) patch scores -> bilinear upsample to output_size -> Gaussian blur (reflect)."""
+    maps = F.interpolate(
+        scores.unsqueeze(1), size=output_size, mode="bilinear", align_corners=False
+    )  # (B, 1, H, W)
+    if sigma > 0:
+        k = gaussian_sigma_kernel(sigma)
+        maps = TF.gaussian_blur(maps, kernel_size=[k, k], sigma=[sigma, sigma])
+    return maps.squeeze(1)  # (B, H, W)

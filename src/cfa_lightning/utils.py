@@ -1,0 +1,68 @@
+"""Small helpers shared by the entry points: instantiating lists, results files, closing loggers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("cfa_lightning")
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a `_target_` of a config group like `callbacks` or `logger`."""
+    if not cfg:
+        return []
+    return [
+        instantiate(node)
+        for node in cfg.values()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
+
+
+def output_dir() -> Path:
+    """The Hydra job's output directory (the cwd when Hydra is not running)."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def write_metrics(path: Path, metrics: dict[str, float], **info: Any) -> Path:
+    """metrics.json: the final test metrics plus the protocol needed to read them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"metrics": metrics, **info}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def format_table(metrics: dict[str, float], title: str) -> str:
+    width = max((len(k) for k in metrics), default=10)
+    lines = [title, "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>8.4f}" for k, v in sorted(metrics.items())]
+    return "\n".join(lines)
+
+
+@contextmanager
+def closing_loggers(loggers: list[Any]) -> Iterator[None]:
+    """Finish W&B runs at the end of every job, also when the job fails (so sweeps go on)."""
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            experiment_finish = getattr(getattr(logger, "_experiment", None), "finish", None)
+            if callable(experiment_finish):
+                try:
+                    experiment_finish()
+                except Exception as err:  # a logger failing to close must not hide the job's error
+                    log.warning("could not close logger %s: %s", type(logger).__name__, err)
+
+
+def plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny synthetic data set and paths to the real images beside the project."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CFA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small MVTec-layout data set, generated once per test session."""
+    from cfa_lightning.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_dataset(root, category="synthetic", n_train=12, n_test_good=4, n_test_defect=4,
+                               image_size=(64, 80), seed=0)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "cookies").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

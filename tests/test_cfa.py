@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from cfa_lightning.models.backbone import Backbone
+from cfa_lightning.models.cfa import CFA
+
+
+def _fitted(input_size=(64, 96), gamma_c=1, chunk_bytes=256 * 2**20, seed=0):
+    torch.manual_seed(seed)
+    model = CFA(Backbone("resnet18", pretrained=False), input_size=input_size, gamma_c=gamma_c,
+                chunk_bytes=chunk_bytes)  # fmt: skip
+    images = torch.rand(5, 3, *input_size)
+    model.bank.update(model.describe(images[:3]))
+    model.bank.update(model.describe(images[3:]))
+    model.bank.finalize()
+    return model, images
+
+
+def test_non_square_input_shapes():
+    model, images = _fitted((64, 96), gamma_c=2)
+    assert model.bank.centres.shape == ((16 * 24) // 2, 448)  # resnet18: D = 64 + 128 + 256
+    out = model(images)
+    assert out.maps.shape == (5, 64, 96) and out.image_scores.shape == (5,)
+    assert torch.allclose(out.image_scores, out.maps.flatten(1).amax(1))
+
+
+@pytest.mark.parametrize("chunk_bytes", [256 * 2**20, 3000])  # one chunk, and many uneven ones
+def test_fast_loss_matches_naive_in_value_and_gradients(chunk_bytes):
+    model, images = _fitted(chunk_bytes=chunk_bytes)
+    with torch.no_grad():
+        # Neighbouring centres of an untrained net can be exactly equidistant from a patch; a tie
+        # at the K + J boundary makes the gradient ambiguous, so break ties with a little noise.
+        model.bank.centres.add_(1e-2 * torch.randn_like(model.bank.centres))
+        model.loss_fn.radius.fill_(3.0)  # make both hinge terms active
+        model.loss_fn.alpha = 0.0
+    grads = []
+    for naive in (False, True):
+        model.zero_grad()
+        loss, _ = model.loss(images, naive=naive)
+        loss.backward()
+        grads.append((loss.detach(), model.descriptor.coord_conv.conv.weight.grad.clone(),
+                      model.loss_fn.radius.grad.clone()))  # fmt: skip
+    (l_fast, w_fast, r_fast), (l_naive, w_naive, r_naive) = grads
+    assert torch.allclose(l_fast, l_naive, rtol=1e-4)
+    assert torch.allclose(w_fast, w_naive, rtol=1e-3, atol=1e-4 * w_naive.abs().max())
+    assert torch.allclose(r_fast, r_naive, rtol=1e-4)
+    assert r_fast.abs() > 0
+
+
+def test_training_output_equals_forward_scores():
+    model, images = _fitted()
+    with torch.no_grad():
+        _, out_train = model.loss(images, with_output=True)
+        out = model(images)
+    assert torch.allclose(out_train.maps, out.maps, atol=1e-4)
+
+
+def test_identical_images_give_finite_scores():
+    model, _ = _fitted()
+    img = torch.full((1, 3, 64, 96), 0.5)
+    model.bank.reset()
+    model.bank.update(model.describe(img.expand(3, -1, -1, -1)))
+    model.bank.finalize()
+    out = model(img)
+    assert torch.isfinite(out.maps).all()
+    loss, _ = model.loss(img)
+    assert torch.isfinite(loss)
+
+
+def test_unbuilt_bank_is_a_clear_error():
+    model = CFA(Backbone("resnet18", pretrained=False), input_size=64)
+    with pytest.raises(RuntimeError, match="memory bank is not built"):
+        model(torch.rand(1, 3, 64, 64))

@@ -1,0 +1,268 @@
+"""Tests for data/mvtec.py: folder scan, its error messages, dataset items and datamodule."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfa_lightning.data import MVTecDataModule, MVTecDataset, scan_mvtec_category
+from cfa_lightning.data.mvtec import MVTEC_CATEGORIES, MVTEC_URL
+from cfa_lightning.data.synthetic import generate_synthetic_dataset
+
+SIZE = (48, 64)  # (H, W), non-square on purpose
+N_TRAIN, N_GOOD, N_DEFECT = 10, 3, 2  # N_DEFECT per defect type (scratch, spot)
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    generate_synthetic_dataset(
+        root, "synthetic", n_train=N_TRAIN, n_test_good=N_GOOD, n_test_defect=N_DEFECT,
+        image_size=SIZE, seed=0,
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def copy_root(synthetic_root, tmp_path) -> Path:
+    """A private copy that a test may break."""
+    shutil.copytree(synthetic_root / "synthetic", tmp_path / "synthetic")
+    return tmp_path
+
+
+def _dm(root, **kwargs) -> MVTecDataModule:
+    kwargs = {"image_size": SIZE, "batch_size": 4, "val_fraction": 0.2, **kwargs}
+    dm = MVTecDataModule(str(root), "synthetic", **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+# ---------------------------------------------------------------------------- scan
+
+
+def test_scan_counts_labels_masks_and_order(synthetic_root):
+    samples = scan_mvtec_category(synthetic_root, "synthetic")
+    train, test = samples["train"], samples["test"]
+    assert len(train) == N_TRAIN and all(s.label == 0 and s.mask_path is None for s in train)
+    assert [s.path.name for s in train] == sorted(s.path.name for s in train)
+    assert len(test) == N_GOOD + 2 * N_DEFECT
+    good = [s for s in test if s.defect_type == "good"]
+    bad = [s for s in test if s.defect_type != "good"]
+    assert len(good) == N_GOOD and all(s.label == 0 and s.mask_path is None for s in good)
+    assert {s.defect_type for s in bad} == {"scratch", "spot"}
+    for s in bad:
+        assert s.label == 1
+        assert s.mask_path == synthetic_root / f"synthetic/ground_truth/{s.defect_type}" / (
+            f"{s.path.stem}_mask.png"
+        )
+    assert scan_mvtec_category(synthetic_root, "synthetic") == samples  # deterministic
+
+
+def test_extensions_case_insensitive_and_non_images_ignored(copy_root):
+    train_dir = copy_root / "synthetic/train/good"
+    (train_dir / "000.png").rename(train_dir / "AAA.PNG")
+    (train_dir / "notes.txt").write_text("x")
+    (train_dir / ".hidden.png").write_bytes(b"")
+    names = [s.path.name for s in scan_mvtec_category(copy_root, "synthetic")["train"]]
+    assert names[-1] == "AAA.PNG" and len(names) == N_TRAIN
+
+
+def test_misspelled_category_suggests_close_names(synthetic_root):
+    with pytest.raises(FileNotFoundError) as info:
+        scan_mvtec_category(synthetic_root, "synthetc")
+    message = str(info.value)
+    assert "Did you mean: synthetic" in message and "data.root=" in message
+
+    with pytest.raises(FileNotFoundError) as info:
+        scan_mvtec_category(synthetic_root, "botle")
+    message = str(info.value)
+    assert "Did you mean: bottle" in message
+    assert MVTEC_URL in message and str(synthetic_root) in message
+    assert len(MVTEC_CATEGORIES) == 15
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root") as info:
+        scan_mvtec_category(tmp_path / "nowhere", "bottle")
+    assert "nowhere" in str(info.value) and MVTEC_URL in str(info.value)
+
+
+def test_empty_train_good(copy_root):
+    for path in (copy_root / "synthetic/train/good").iterdir():
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"train/good holds no images"):
+        scan_mvtec_category(copy_root, "synthetic")
+    shutil.rmtree(copy_root / "synthetic/train")
+    with pytest.raises(FileNotFoundError, match=r"no training folder .*train/good"):
+        scan_mvtec_category(copy_root, "synthetic")
+
+
+def test_test_folder_without_images(copy_root):
+    shutil.rmtree(copy_root / "synthetic/test")
+    (copy_root / "synthetic/test/good").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="test folder .* holds no images"):
+        scan_mvtec_category(copy_root, "synthetic")
+
+
+def test_defect_without_mask_names_expected_path(copy_root):
+    missing = copy_root / "synthetic/ground_truth/spot/001_mask.png"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match="no ground-truth mask") as info:
+        scan_mvtec_category(copy_root, "synthetic")
+    assert str(missing) in str(info.value)
+
+
+def test_mask_size_mismatch_is_checked_lazily(copy_root):
+    mask_path = copy_root / "synthetic/ground_truth/scratch/000_mask.png"
+    Image.new("L", (SIZE[1] + 1, SIZE[0]), 0).save(mask_path)
+    samples = scan_mvtec_category(copy_root, "synthetic")["test"]  # scan does not open images
+    index = next(i for i, s in enumerate(samples) if s.mask_path == mask_path)
+    dataset = MVTecDataset(samples)
+    with pytest.raises(ValueError, match="must match") as info:
+        dataset[index]
+    assert str(mask_path) in str(info.value) and "test/scratch/000.png" in str(info.value)
+
+
+def test_corrupt_image_error_names_the_file(copy_root):
+    bad = copy_root / "synthetic/train/good/003.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    dataset = MVTecDataset(scan_mvtec_category(copy_root, "synthetic")["train"])
+    with pytest.raises(ValueError, match="003.png"):
+        dataset[3]
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+def test_dataset_items(synthetic_root):
+    samples = scan_mvtec_category(synthetic_root, "synthetic")["test"]
+    dataset = MVTecDataset(samples)  # default transform: 256 x 256
+    good = dataset[0]
+    assert set(good) == {"image", "mask", "label", "image_path", "defect_type"}
+    assert good["image"].shape == (3, 256, 256) and good["image"].dtype == torch.float32
+    assert good["mask"].shape == (1, 256, 256) and good["mask"].sum() == 0
+    assert good["label"].dtype == torch.int64 and good["label"].item() == 0
+    assert good["defect_type"] == "good" and good["image_path"] == str(samples[0].path)
+    defect = dataset[len(dataset) - 1]
+    assert defect["label"].item() == 1 and defect["defect_type"] in ("scratch", "spot")
+    assert set(defect["mask"].unique().tolist()) == {0.0, 1.0}
+
+
+# ---------------------------------------------------------------------------- datamodule
+
+
+def test_val_split_exact_disjoint_deterministic_and_never_from_test(synthetic_root):
+    dm = _dm(synthetic_root, split_seed=0)
+    train = [s.path for s in dm.train_set.samples]
+    val = [s.path for s in dm.val_set.samples]
+    assert (len(train), len(val)) == (N_TRAIN - 2, 2)  # round(0.2 * 10)
+    assert not set(train) & set(val)
+    all_train = {s.path for s in scan_mvtec_category(synthetic_root, "synthetic")["train"]}
+    assert set(train) | set(val) == all_train
+    assert all("/train/good/" in p.as_posix() for p in val)
+    assert len(dm.test_set) == N_GOOD + 2 * N_DEFECT
+
+    again = _dm(synthetic_root, split_seed=0)
+    assert [s.path for s in again.val_set.samples] == val
+    other_splits = {tuple(s.path for s in _dm(synthetic_root, split_seed=k).val_set.samples)
+                    for k in range(1, 4)}  # fmt: skip
+    assert other_splits - {tuple(val)}  # the seed matters
+
+
+def test_val_fraction_zero_and_bounds(synthetic_root):
+    dm = _dm(synthetic_root, val_fraction=0.0)
+    assert dm.val_set is None and dm.val_dataloader() == []
+    assert len(dm.train_set) == N_TRAIN
+    dm = _dm(synthetic_root, val_fraction=0.99)
+    assert (len(dm.train_set), len(dm.val_set)) == (1, N_TRAIN - 1)  # one stays in train
+    with pytest.raises(ValueError, match="val_fraction"):
+        MVTecDataModule(str(synthetic_root), "synthetic", val_fraction=1.0)
+
+
+def test_dataloaders_batch_shapes_and_order(synthetic_root):
+    dm = _dm(synthetic_root, batch_size=3, eval_batch_size=5, crop_size=(32, 40))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (3, 3, 32, 40) and batch["mask"].shape == (3, 1, 32, 40)
+    assert batch["label"].shape == (3,) and batch["label"].dtype == torch.int64
+    assert len(batch["image_path"]) == 3
+    assert sum(len(b["label"]) for b in dm.train_dataloader()) == N_TRAIN - 2  # no drop_last
+
+    bank = [p for b in dm.bank_dataloader() for p in b["image_path"]]
+    assert bank == [str(s.path) for s in dm.train_set.samples]  # same images, fixed order
+    assert dm.bank_dataloader().batch_size == 5
+    assert next(iter(dm.val_dataloader()))["image"].shape == (2, 3, 32, 40)
+
+    test_batches = list(dm.test_dataloader())
+    assert test_batches[0]["image"].shape == (5, 3, 32, 40)
+    labels = torch.cat([b["label"] for b in test_batches])
+    assert labels.tolist() == [0] * N_GOOD + [1] * (2 * N_DEFECT)  # not shuffled
+    assert MVTecDataModule(str(synthetic_root), "synthetic").eval_batch_size == 4
+
+
+def test_relative_root_resolved_at_construction(synthetic_root, monkeypatch):
+    monkeypatch.chdir(synthetic_root.parent)
+    dm = MVTecDataModule(synthetic_root.name, "synthetic")
+    assert dm.root == synthetic_root and dm.root.is_absolute()
+    assert dm.hparams.category == "synthetic" and dm.hparams.root == synthetic_root.name
+    monkeypatch.chdir("/")
+    dm.prepare_data()
+    dm.setup("test")
+    assert len(dm.test_set) == N_GOOD + 2 * N_DEFECT
+
+
+def test_relative_root_uses_launch_dir_under_hydra(synthetic_root, monkeypatch):
+    from hydra import compose, initialize
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.chdir(synthetic_root.parent)  # the launch directory (hydra.runtime.cwd)
+    with initialize(version_base=None, config_path=None):
+        HydraConfig.instance().set_config(compose(return_hydra_config=True))
+        try:
+            monkeypatch.chdir("/")  # Hydra's run dir
+            dm = MVTecDataModule(synthetic_root.name, "synthetic")
+        finally:
+            HydraConfig.instance().cfg = None
+    assert not HydraConfig.initialized()
+    assert dm.root == synthetic_root
+
+
+def test_prepare_data_checks_presence(tmp_path):
+    (tmp_path / "bottle").mkdir()
+    with pytest.raises(FileNotFoundError, match="Did you mean: bottle"):
+        MVTecDataModule(str(tmp_path), "bottel").prepare_data()
+
+
+# ---------------------------------------------------------------------------- real data
+
+
+@pytest.mark.real_data
+def test_real_data_counts_and_one_item():
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+
+    def counts(samples):
+        out: dict[str, int] = {}
+        for s in samples:
+            out[s.defect_type] = out.get(s.defect_type, 0) + 1
+        return out
+
+    cookies = scan_mvtec_category(REAL_DATA, "cookies")
+    assert len(cookies["train"]) == 21
+    assert counts(cookies["test"]) == {"good": 10, "anomaly": 32}
+
+    tiles = scan_mvtec_category(REAL_DATA, "magnetic_tile")
+    assert len(tiles["train"]) == 761
+    assert counts(tiles["test"]) == {
+        "good": 191, "blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103,
+    }  # fmt: skip
+
+    item = MVTecDataset(tiles["test"])[-1]  # an `uneven` image (grayscale, odd size)
+    assert item["image"].shape == (3, 256, 256) and item["mask"].shape == (1, 256, 256)
+    assert item["label"].item() == 1 and item["defect_type"] == "uneven"
+    assert np.isfinite(item["image"].numpy()).all()

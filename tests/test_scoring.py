@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from cfa_lightning.models.scoring import (
+    anomaly_map,
+    gaussian_sigma_kernel,
+    nearest_centres,
+    patch_scores,
+    selected_squared_distances,
+    squared_distances,
+)
+
+
+def test_patch_score_by_hand():
+    d = torch.tensor([[1.0, 4.0, 9.0]])  # e = 1, 2, 3
+    w = math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-3))
+    assert patch_scores(d).item() == pytest.approx(w * 1.0, rel=1e-6)
+
+
+def test_clamp_before_sqrt_gives_no_nan():
+    d = torch.tensor([[-1e-6, 0.0, 0.0]])
+    s = patch_scores(d)
+    assert torch.isfinite(s).all() and s.item() == 0.0
+
+
+def test_identical_features_give_no_nan():
+    p = torch.full((5, 8), 3.1234567)
+    c = torch.full((6, 8), 3.1234567)
+    values, _ = nearest_centres(p, c, 3)
+    assert torch.isfinite(patch_scores(values)).all()
+
+
+@pytest.mark.parametrize("budget", [1, 4 * 7 * 8, 10**9])  # 1 row, 2 uneven chunks, all at once
+def test_chunked_topk_matches_full(budget):
+    torch.manual_seed(0)
+    p, c = torch.randn(23, 5), torch.randn(7, 5)
+    values, idx = nearest_centres(p, c, 4, budget_bytes=budget)
+    full = torch.cdist(p, c).pow(2)
+    ref_v, ref_i = torch.topk(full, 4, dim=1, largest=False)
+    assert torch.allclose(values, ref_v, atol=1e-5)
+    assert torch.equal(idx, ref_i)
+
+
+@pytest.mark.parametrize("budget", [1, 500, 10**9])
+def test_selected_distances_value_and_gradient_match_full(budget):
+    torch.manual_seed(1)
+    p = torch.randn(17, 6, requires_grad=True)
+    c = torch.randn(9, 6)
+    _, idx = nearest_centres(p.detach(), c, 4)
+    weights = torch.randn(17, 4)
+    fast = selected_squared_distances(p, c, idx, budget_bytes=budget)
+    (fast * weights).sum().backward()
+    g_fast = p.grad.clone()
+    p.grad = None
+    ref = squared_distances(p, c).gather(1, idx)
+    (ref * weights).sum().backward()
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert torch.allclose(g_fast, p.grad, atol=1e-5)
+
+
+def test_too_few_centres_is_a_clear_error():
+    with pytest.raises(ValueError, match="gamma_c"):
+        nearest_centres(torch.zeros(2, 3), torch.zeros(2, 3), 3)
+
+
+def test_anomaly_map_upsamples_blurs_and_keeps_peak():
+    assert gaussian_sigma_kernel(4.0) == 33
+    scores = torch.zeros(1, 8, 12)
+    scores[0, 2, 9] = 1.0
+    maps = anomaly_map(scores, (64, 96), sigma=4.0)
+    assert maps.shape == (1, 64, 96)
+    peak = divmod(int(maps[0].argmax()), 96)
+    assert abs(peak[0] - (2 + 0.5) * 8) <= 2 and abs(peak[1] - (9 + 0.5) * 8) <= 2
+    const = anomaly_map(torch.full((2, 4, 4), 0.7), (32, 32))
+    assert torch.allclose(const, torch.full_like(const, 0.7), atol=1e-6)  # reflect padding
