@@ -51,7 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             train_time_s=round(train_time, 2),
             gamma_c=cfg.model.gamma_c,
             gamma_d=cfg.model.gamma_d,
-            radius=cfg.model.radius,
+            radius_init=cfg.model.radius,
+            radius_final=float(model.model.loss_fn.radius.detach()),
         )
         print(
             format_table(

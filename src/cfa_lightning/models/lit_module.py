@@ -79,6 +79,7 @@ class CFALitModule(pl.LightningModule):
         self.val_metrics = AnomalyMetrics(pixel=False)
         self.test_metrics = AnomalyMetrics(pixel=True)
         self.test_results: dict[str, float] = {}
+        self._val_has_anomaly = False
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> CFALitModule:
@@ -120,17 +121,14 @@ class CFALitModule(pl.LightningModule):
         """Exact mean of phi's initial output over the training set (sums reduced across ranks)."""
         bank = self.model.bank
         bank.reset()
-        show = (
-            self.trainer is not None
-            and self.trainer.is_global_zero
-            and self.trainer.progress_bar_callback is not None
-        )
+        trainer = self._trainer  # None when called outside a Trainer
+        show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
         for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
             bank.update(self.model.describe(batch["image"].to(self.device)))
         total_sum, total_count = bank._sum, bank._count
-        if self.trainer is not None and self.trainer.world_size > 1:
-            total_sum = self.trainer.strategy.reduce(total_sum.clone(), reduce_op="sum")
-            total_count = self.trainer.strategy.reduce(total_count.clone(), reduce_op="sum")
+        if trainer is not None and trainer.world_size > 1:
+            total_sum = trainer.strategy.reduce(total_sum.clone(), reduce_op="sum")
+            total_count = trainer.strategy.reduce(total_count.clone(), reduce_op="sum")
         n_images = int(total_count)
         bank.finalize(total_sum, total_count)
         rank_zero_info(
@@ -169,11 +167,17 @@ class CFALitModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs)
         self.log("val/score_mean", out.image_scores.mean(), batch_size=bs)
         self.val_metrics.update(out.image_scores, batch["label"])
+        self._val_has_anomaly |= bool(batch["label"].any())
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_has_anomaly = False
 
     def on_validation_epoch_end(self) -> None:
-        # Image metrics only when the validation split holds both classes (not the default split).
-        for name, value in self.val_metrics.compute().items():
-            self.log(f"val/{name}", value)
+        # The default validation split is normal images only: image metrics need a user-given
+        # split with anomalies; val/loss and val/score_mean are logged either way.
+        if self._val_has_anomaly:
+            for name, value in self.val_metrics.compute().items():
+                self.log(f"val/{name}", value)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -1,0 +1,55 @@
+"""Every experiment and entry-point config composes, and keys map to constructor arguments."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from cfa_lightning.config import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture()
+def hydra_ctx():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def test_the_design_card_experiments_exist():
+    assert {"wide_resnet50", "resnet18", "efficientnet_lite0", "demo"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(hydra_ctx, experiment):
+    cfg = compose("train", overrides=[f"+experiment={experiment}"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert model["backbone"]["name"] == cfg.backbone.name
+    size = cfg.data.crop_size or cfg.data.image_size
+    assert model["input_size"] == ([size, size] if isinstance(size, int) else list(size))
+    for group in ("data", "model", "backbone", "trainer"):
+        get_class(cfg[group]["_target_"])  # every target imports
+
+
+def test_paper_defaults(hydra_ctx):
+    cfg = compose("train", overrides=["+experiment=wide_resnet50"])
+    m = cfg.model
+    assert (m.K, m.J, m.alpha, m.nu, m.radius, m.gamma_c, m.gamma_d) == (3, 3, 0.1, 1e-3, 1e-5, 1, 1)
+    assert (m.lr, m.weight_decay, m.amsgrad) == (1e-3, 5e-4, True)
+    assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4 and cfg.data.image_size == 256
+    assert cfg.backbone.name.startswith("wide_resnet50_2")
+
+
+def test_crop_sets_the_model_input_size(hydra_ctx):
+    cfg = compose("train", overrides=["+experiment=resnet18", "data.crop_size=224"])
+    assert OmegaConf.to_container(cfg.model, resolve=True)["input_size"] == [224, 224]
+
+
+def test_eval_config_composes(hydra_ctx):
+    cfg = compose("eval", overrides=["ckpt_path=x.ckpt", "data=synthetic"])
+    assert cfg.ckpt_path == "x.ckpt" and cfg.data.category == "synthetic"

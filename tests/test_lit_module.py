@@ -1,0 +1,104 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from cfa_lightning.data import MVTecDataModule
+from cfa_lightning.models.lit_module import CFALitModule
+
+BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
+
+
+def _trainer(tmp_path, epochs=1, **kwargs):
+    return pl.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      **kwargs)  # fmt: skip
+
+
+@pytest.fixture()
+def datamodule(synthetic_root):
+    return MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
+                           eval_batch_size=5, val_fraction=0.25)  # fmt: skip
+
+
+def test_checkpoint_round_trip_scores_identically(tmp_path, datamodule):
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert bool(module.model.bank.fitted)
+    batch = next(iter(datamodule.test_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(batch["image"])
+    pl.seed_everything(123)  # a different init must be overwritten by the checkpoint
+    restored = CFALitModule.from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        got = restored.model(batch["image"])
+    assert torch.equal(got.maps, expected.maps)
+    assert torch.equal(restored.model.loss_fn.radius, module.model.loss_fn.radius)
+    assert restored.hparams.gamma_c == 2
+
+
+def test_bank_is_built_once_and_not_rebuilt_on_resume(tmp_path, datamodule, monkeypatch):
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    calls = []
+    original = CFALitModule.build_bank
+    monkeypatch.setattr(CFALitModule, "build_bank", lambda self, loader: calls.append(1) or original(self, loader))
+    trainer = _trainer(tmp_path, epochs=1)
+    trainer.fit(module, datamodule=datamodule)
+    assert calls == [1]
+    bank = module.model.bank.centres.clone()
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = CFALitModule(BACKBONE, input_size=[64, 80])
+    _trainer(tmp_path, epochs=2).fit(resumed, datamodule=datamodule, ckpt_path=str(ckpt))
+    assert calls == [1]  # restored from the checkpoint, not built again
+    assert torch.equal(resumed.model.bank.centres, bank)
+    assert resumed.trainer.current_epoch == 2
+
+
+def test_bank_mean_independent_of_batch_size(synthetic_root):
+    banks = []
+    for batch_size in (1, 5):  # 9 training images: 9 x 1, and 5 + a partial 4
+        pl.seed_everything(0)
+        dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80),
+                             eval_batch_size=batch_size, val_fraction=0.25)  # fmt: skip
+        dm.setup("fit")
+        module = CFALitModule(BACKBONE, input_size=[64, 80])
+        module.build_bank(dm.bank_dataloader())
+        banks.append(module.model.bank.centres)
+    assert torch.allclose(banks[0], banks[1], atol=1e-5)
+
+
+def test_test_metrics_are_computed(tmp_path, datamodule):
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    keys = {"test/image_AUROC", "test/pixel_AUROC", "test/pixel_AUPRO", "test/image_F1", "test/pixel_F1"}
+    assert keys <= set(module.test_results)
+    assert all(0.0 <= module.test_results[k] <= 1.0 for k in keys)
+
+
+def test_radius_is_trained_and_can_be_frozen(tmp_path, datamodule):
+    for learn in (True, False):
+        pl.seed_everything(0)
+        module = CFALitModule(BACKBONE, input_size=[64, 80], learn_radius=learn, radius=0.5)
+        _trainer(tmp_path).fit(module, datamodule=datamodule)
+        moved = float(module.model.loss_fn.radius) != 0.5
+        assert moved == learn
+        n_opt = sum(p.numel() for g in module.trainer.optimizers[0].param_groups for p in g["params"])
+        assert n_opt == module.model.descriptor.coord_conv.conv.weight.numel() + 448 + int(learn)
+
+
+def test_foreign_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, path)
+    with pytest.raises(ValueError, match="not a cfa-lightning checkpoint"):
+        CFALitModule.from_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        CFALitModule.from_checkpoint(tmp_path / "missing.ckpt")
