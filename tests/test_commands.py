@@ -77,7 +77,9 @@ def test_multirun_over_radius_and_gamma_c(tmp_path):
                f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks=none", "logger=none")  # fmt: skip
     results = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(results) == 4, proc.stdout[-2000:]
-    seen = {(r["radius_init"], r["gamma_c"]) for r in map(lambda p: json.loads(p.read_text()), results)}
+    seen = {
+        (r["radius_init"], r["gamma_c"]) for r in map(lambda p: json.loads(p.read_text()), results)
+    }
     assert seen == {(1e-5, 1), (1e-5, 4), (1e-3, 1), (1e-3, 4)}
     assert any("model.gamma_c=4" in p.parent.name for p in results)  # folders name the values
 

@@ -38,9 +38,9 @@ def test_experiment_composes(hydra_ctx, experiment):
 
 def test_paper_defaults(hydra_ctx):
     cfg = compose("train", overrides=["+experiment=wide_resnet50"])
-    m = cfg.model
-    assert (m.K, m.J, m.alpha, m.nu, m.radius, m.gamma_c, m.gamma_d) == (3, 3, 0.1, 1e-3, 1e-5, 1, 1)
-    assert (m.lr, m.weight_decay, m.amsgrad) == (1e-3, 5e-4, True)
+    paper = {"K": 3, "J": 3, "alpha": 0.1, "nu": 1e-3, "radius": 1e-5, "gamma_c": 1, "gamma_d": 1,
+             "learn_radius": True, "lr": 1e-3, "weight_decay": 5e-4, "amsgrad": True}  # fmt: skip
+    assert {k: cfg.model[k] for k in paper} == paper
     assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4 and cfg.data.image_size == 256
     assert cfg.backbone.name.startswith("wide_resnet50_2")
 

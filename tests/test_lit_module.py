@@ -46,7 +46,9 @@ def test_bank_is_built_once_and_not_rebuilt_on_resume(tmp_path, datamodule, monk
     module = CFALitModule(BACKBONE, input_size=[64, 80])
     calls = []
     original = CFALitModule.build_bank
-    monkeypatch.setattr(CFALitModule, "build_bank", lambda self, loader: calls.append(1) or original(self, loader))
+    monkeypatch.setattr(
+        CFALitModule, "build_bank", lambda self, loader: calls.append(1) or original(self, loader)
+    )
     trainer = _trainer(tmp_path, epochs=1)
     trainer.fit(module, datamodule=datamodule)
     assert calls == [1]
@@ -79,7 +81,13 @@ def test_test_metrics_are_computed(tmp_path, datamodule):
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule, verbose=False)
-    keys = {"test/image_AUROC", "test/pixel_AUROC", "test/pixel_AUPRO", "test/image_F1", "test/pixel_F1"}
+    keys = {
+        "test/image_AUROC",
+        "test/pixel_AUROC",
+        "test/pixel_AUPRO",
+        "test/image_F1",
+        "test/pixel_F1",
+    }
     assert keys <= set(module.test_results)
     assert all(0.0 <= module.test_results[k] <= 1.0 for k in keys)
 
@@ -91,7 +99,9 @@ def test_radius_is_trained_and_can_be_frozen(tmp_path, datamodule):
         _trainer(tmp_path).fit(module, datamodule=datamodule)
         moved = float(module.model.loss_fn.radius) != 0.5
         assert moved == learn
-        n_opt = sum(p.numel() for g in module.trainer.optimizers[0].param_groups for p in g["params"])
+        n_opt = sum(
+            p.numel() for g in module.trainer.optimizers[0].param_groups for p in g["params"]
+        )
         assert n_opt == module.model.descriptor.coord_conv.conv.weight.numel() + 448 + int(learn)
 
 

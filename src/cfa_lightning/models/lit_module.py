@@ -122,7 +122,9 @@ class CFALitModule(pl.LightningModule):
         bank = self.model.bank
         bank.reset()
         trainer = self._trainer  # None when called outside a Trainer
-        show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        show = trainer is None or (
+            trainer.is_global_zero and trainer.progress_bar_callback is not None
+        )
         for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
             bank.update(self.model.describe(batch["image"].to(self.device)))
         total_sum, total_count = bank._sum, bank._count

@@ -1,0 +1,46 @@
+# cfa-lightning: `make help` lists the targets.
+VENV   ?= .venv
+PYTHON ?= $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint format demo train bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(PYTHON):
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+
+install: $(PYTHON) ## Create the venv and install the package (editable) with its test extras
+	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+
+test: ## Run the test suite (no network, under 10 minutes on 2 cores)
+	$(PYTHON) -m pytest
+
+test-slow: ## Run the slow tests only
+	$(PYTHON) -m pytest -m slow
+
+lint: ## Check style with ruff
+	$(PYTHON) -m ruff check src tests experiments
+	$(PYTHON) -m ruff format --check src tests experiments
+
+format: ## Format the code with ruff
+	$(PYTHON) -m ruff check --fix src tests experiments
+	$(PYTHON) -m ruff format src tests experiments
+
+demo: ## Train and test on generated synthetic data with real lite0 weights (a few minutes on CPU)
+	$(PYTHON) -m cfa_lightning.train +experiment=demo $(ARGS)
+
+train: ## Train and test, e.g. make train ARGS="+experiment=wide_resnet50 data.category=screw"
+	$(PYTHON) -m cfa_lightning.train $(ARGS)
+
+bench: ## Real-data benchmark: lite0 on ../shared/data cookies and magnetic_tile (prints a table)
+	$(PYTHON) experiments/real_data_benchmark.py $(ARGS)
+
+clean: ## Remove run outputs and caches (keeps the venv)
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
