@@ -38,7 +38,7 @@ def test_fast_loss_matches_naive_in_value_and_gradients(chunk_bytes):
         model.zero_grad()
         loss, _ = model.loss(images, naive=naive)
         loss.backward()
-        grads.append((loss.detach(), model.descriptor.coord_conv.conv.weight.grad.clone(),
+        grads.append((loss.detach(), model.descriptor.coord_conv.weight.grad.clone(),
                       model.loss_fn.radius.grad.clone()))  # fmt: skip
     (l_fast, w_fast, r_fast), (l_naive, w_naive, r_naive) = grads
     assert torch.allclose(l_fast, l_naive, rtol=1e-4)

@@ -1,21 +1,39 @@
 import torch
+import torch.nn.functional as F
 
-from cfa_lightning.models.descriptor import CoordConv1x1, PatchDescriptor
+from cfa_lightning.models.descriptor import PatchDescriptor
 
 
 def test_pool_resize_concat_by_hand():
     desc = PatchDescriptor([1, 2], gamma_d=1)
     f1 = torch.arange(16.0).view(1, 1, 4, 4)
     f2 = torch.ones(1, 2, 2, 2)
-    z = desc.pool_and_stack([f1, f2])  # (1, 3, 4, 4)
-    assert z.shape == (1, 3, 4, 4)
+    z = desc.stack([f1, f2])  # (1, 4, 4, 3 + 2)
+    assert z.shape == (1, 4, 4, 5)
     # centre pixel (1, 1): mean of the 3x3 block rows 0-2, cols 0-2 = (0+1+2+4+5+6+8+9+10)/9 = 5
-    assert torch.isclose(z[0, 0, 1, 1], torch.tensor(5.0))
-    # corner (0, 0) with zero padding counted (count_include_pad): (0+1+4+5)/9 = 10/9
+    assert torch.isclose(z[0, 1, 1, 0], torch.tensor(5.0))
+    # corner (0, 0) with zero padding counted: (0 + 1 + 4 + 5) / 9 = 10 / 9
     assert torch.isclose(z[0, 0, 0, 0], torch.tensor(10.0 / 9.0))
-    # a constant tap pooled with zero padding is 4/9 at the corner of a 2x2 map, 4/9 everywhere;
-    # resizing a constant map bilinearly keeps it constant
-    assert torch.allclose(z[0, 1:], torch.full((2, 4, 4), 4.0 / 9.0))
+    # a constant 2x2 tap pooled with zero padding is 4/9 everywhere; a bilinear resize keeps it
+    assert torch.allclose(z[0, :, :, 1:3], torch.full((4, 4, 2), 4.0 / 9.0))
+
+
+def test_coordinates_are_normalised_rows_and_columns():
+    desc = PatchDescriptor([1])
+    z = desc.stack([torch.zeros(2, 1, 3, 5)])  # (2, 3, 5, 1 + 2)
+    assert torch.allclose(z[1, :, 0, 1], torch.tensor([-1.0, 0.0, 1.0]))  # rows
+    assert torch.allclose(z[1, 0, :, 2], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))  # columns
+
+
+def test_forward_is_a_1x1_convolution_of_z_with_coordinates():
+    torch.manual_seed(0)
+    desc = PatchDescriptor([3, 5], gamma_d=2)
+    feats = [torch.randn(2, 3, 6, 10), torch.randn(2, 5, 3, 5)]
+    z = desc.stack(feats).permute(0, 3, 1, 2)  # (B, D + 2, h, w)
+    expected = F.conv2d(z, desc.coord_conv.weight, desc.coord_conv.bias)
+    out = desc(feats)
+    assert out.shape == (2, 4, 6, 10)  # D' = 8 // 2
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 def test_non_square_taps_resize_to_first_tap():
@@ -26,17 +44,8 @@ def test_non_square_taps_resize_to_first_tap():
     assert out.shape == (2, 7, 12, 20)
 
 
-def test_coordconv_coordinates_and_only_trainable_weights():
-    cc = CoordConv1x1(1, 3)
-    with torch.no_grad():
-        cc.conv.weight.zero_()
-        cc.conv.bias.zero_()
-        cc.conv.weight[0, 1] = 1.0  # output 0 = row coordinate
-        cc.conv.weight[1, 2] = 1.0  # output 1 = column coordinate
-    out = cc(torch.zeros(1, 1, 3, 5))
-    assert torch.allclose(out[0, 0, :, 0], torch.tensor([-1.0, 0.0, 1.0]))
-    assert torch.allclose(out[0, 1, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+def test_only_the_coordconv_is_trainable():
     desc = PatchDescriptor([4, 4])
     names = [n for n, p in desc.named_parameters() if p.requires_grad]
-    assert names == ["coord_conv.conv.weight", "coord_conv.conv.bias"]
-    assert desc.coord_conv.conv.in_channels == 8 + 2
+    assert names == ["coord_conv.weight", "coord_conv.bias"]
+    assert desc.coord_conv.in_channels == 8 + 2

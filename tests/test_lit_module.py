@@ -102,7 +102,7 @@ def test_radius_is_trained_and_can_be_frozen(tmp_path, datamodule):
         n_opt = sum(
             p.numel() for g in module.trainer.optimizers[0].param_groups for p in g["params"]
         )
-        assert n_opt == module.model.descriptor.coord_conv.conv.weight.numel() + 448 + int(learn)
+        assert n_opt == module.model.descriptor.coord_conv.weight.numel() + 448 + int(learn)
 
 
 def test_foreign_checkpoint_is_a_clear_error(tmp_path):

@@ -75,3 +75,17 @@ def test_anomaly_map_upsamples_blurs_and_keeps_peak():
     assert abs(peak[0] - (2 + 0.5) * 8) <= 2 and abs(peak[1] - (9 + 0.5) * 8) <= 2
     const = anomaly_map(torch.full((2, 4, 4), 0.7), (32, 32))
     assert torch.allclose(const, torch.full_like(const, 0.7), atol=1e-6)  # reflect padding
+
+
+def test_distances_stay_float32_under_bf16_autocast():
+    torch.manual_seed(2)
+    p, c = torch.randn(40, 16), torch.randn(12, 16)
+    ref_v, ref_i = nearest_centres(p, c, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, i = nearest_centres(p.bfloat16(), c, 3)
+        d = selected_squared_distances(p.bfloat16().requires_grad_(), c, ref_i)
+    assert v.dtype == torch.float32 and d.dtype == torch.float32
+    # only the bf16 rounding of the inputs differs, not a bf16 accumulation of the product
+    exact = torch.cdist(p.bfloat16().float(), c).pow(2).gather(1, ref_i)
+    assert torch.allclose(d, exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i, ref_i) or torch.allclose(v, ref_v, rtol=2e-2)

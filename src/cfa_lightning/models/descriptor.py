@@ -7,26 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class CoordConv1x1(nn.Module):
-    """Append normalised (row, col) coordinates in [-1, 1], then a 1x1 convolution with bias."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1, bias=True)
-
-    def forward(self, z: Tensor) -> Tensor:
-        b, _, h, w = z.shape  # (B, D, h, w)
-        rows = torch.linspace(-1.0, 1.0, h, device=z.device, dtype=z.dtype)
-        cols = torch.linspace(-1.0, 1.0, w, device=z.device, dtype=z.dtype)
-        yy = rows.view(1, 1, h, 1).expand(b, 1, h, w)
-        xx = cols.view(1, 1, 1, w).expand(b, 1, h, w)
-        return self.conv(torch.cat([z, yy, xx], dim=1))  # (B, D', h, w)
-
-
 class PatchDescriptor(nn.Module):
     """phi: AvgPool3x3 on every tap, bilinear resize to the first tap's (h, w), concat, CoordConv.
 
-    D = sum(in_channels); D' = D // gamma_d. Only the CoordConv holds trainable weights.
+    CoordConv = append the normalised (row, col) coordinates in [-1, 1] as two channels, then a
+    1x1 convolution with bias from D + 2 to D' = D // gamma_d; it holds the only trainable weights.
+    Z is assembled channels-last, so the 1x1 convolution is one matrix product and the patches
+    come out as contiguous (h * w, D') rows with no further copy.
     """
 
     def __init__(self, in_channels: list[int], gamma_d: int = 1) -> None:
@@ -38,18 +25,24 @@ class PatchDescriptor(nn.Module):
         if self.out_dim < 1:
             raise ValueError(f"model.gamma_d={gamma_d} leaves no channels from D={self.in_dim}")
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
-        self.coord_conv = CoordConv1x1(self.in_dim, self.out_dim)
+        self.coord_conv = nn.Conv2d(self.in_dim + 2, self.out_dim, kernel_size=1, bias=True)
 
-    def pool_and_stack(self, features: list[Tensor]) -> Tensor:
-        """Z: the pooled taps resized to the first tap's full (h, w) pair and concatenated."""
-        size = features[0].shape[-2:]  # (h, w) of Q_1
-        pooled = []
+    def stack(self, features: list[Tensor]) -> Tensor:
+        """[Z, rows, cols] channels-last: taps [(B, C_l, h_l, w_l)] -> (B, h, w, D + 2)."""
+        b, _, h, w = features[0].shape  # (h, w) of Q_1
+        z = features[0].new_empty(b, h, w, self.in_dim + 2)
+        offset = 0
         for feat in features:
-            q = self.pool(feat)
-            if q.shape[-2:] != size:
-                q = F.interpolate(q, size=size, mode="bilinear", align_corners=False)
-            pooled.append(q)
-        return torch.cat(pooled, dim=1)  # (B, D, h, w)
+            q = self.pool(feat)  # (B, C_l, h_l, w_l)
+            if q.shape[-2:] != (h, w):
+                q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
+            z[..., offset : offset + q.shape[1]] = q.permute(0, 2, 3, 1)
+            offset += q.shape[1]
+        z[..., -2] = torch.linspace(-1.0, 1.0, h, device=z.device, dtype=z.dtype).view(1, h, 1)
+        z[..., -1] = torch.linspace(-1.0, 1.0, w, device=z.device, dtype=z.dtype).view(1, 1, w)
+        return z
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        return self.coord_conv(self.pool_and_stack(features))  # (B, D', h, w)
+        z = self.stack(features)  # (B, h, w, D + 2)
+        out = F.linear(z, self.coord_conv.weight.flatten(1), self.coord_conv.bias)  # (B, h, w, D')
+        return out.permute(0, 3, 1, 2)  # (B, D', h, w) with channels-last strides

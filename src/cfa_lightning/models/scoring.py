@@ -9,22 +9,28 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # memory budget for one block of the (patches x centres) product
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # memory budget for one block of the (patches x centres) product
+
+
+def float32_distances(x: Tensor) -> torch.autocast:
+    """Turn autocast off: distances are accumulated in float32 even under bf16/fp16 training."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def chunk_rows(n_centres: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Number of patches whose float32 distances to all centres fit in the budget (x2 for top-k)."""
-    return max(1, budget_bytes // (8 * max(n_centres, 1)))
+    """Number of patches whose float32 distances to all centres fit in the budget."""
+    return max(1, budget_bytes // (4 * max(n_centres, 1)))
 
 
 def squared_distances(p: Tensor, centres: Tensor, centres_sq: Tensor | None = None) -> Tensor:
     """d = ||p||^2 + ||c||^2 - 2 p.c in float32: (N, D'), (M, D') -> (N, M). May be slightly < 0."""
-    p = p.float()
-    centres = centres.float()
-    if centres_sq is None:
-        centres_sq = centres.pow(2).sum(dim=1)
-    d = torch.addmm(centres_sq.unsqueeze(0), p, centres.t(), beta=1.0, alpha=-2.0)  # (N, M)
-    return d + p.pow(2).sum(dim=1, keepdim=True)
+    with float32_distances(p):
+        p = p.float()
+        centres = centres.float()
+        if centres_sq is None:
+            centres_sq = centres.pow(2).sum(dim=1)
+        d = torch.addmm(centres_sq.unsqueeze(0), p, centres.t(), beta=1.0, alpha=-2.0)  # (N, M)
+        return d + p.pow(2).sum(dim=1, keepdim=True)
 
 
 @torch.no_grad()
@@ -34,22 +40,27 @@ def nearest_centres(
     """The k smallest squared distances of every patch, ascending, and their centre indices.
 
     p: (N, D'), centres: (M, D') -> values (N, k) float32, indices (N, k) int64. Computed in
-    chunks of patches so peak memory is bounded by `budget_bytes`, whatever N and M are.
+    chunks of patches so peak memory is bounded by `budget_bytes`, whatever N and M are. The
+    per-patch constant ||p||^2 does not change the ranking, so it is added to the k winners only.
     """
     if k > centres.shape[0]:
         raise ValueError(
             f"need {k} nearest centres but the memory bank holds only {centres.shape[0]}; "
             "lower model.gamma_c or model.K / model.J"
         )
-    centres_sq = centres.float().pow(2).sum(dim=1)
     step = chunk_rows(centres.shape[0], budget_bytes)
-    values, indices = [], []
-    for start in range(0, p.shape[0], step):
-        d = squared_distances(p[start : start + step], centres, centres_sq)  # (n, M)
-        v, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        values.append(v)
-        indices.append(i)
-    return torch.cat(values), torch.cat(indices)
+    values = torch.empty(p.shape[0], k, dtype=torch.float32, device=p.device)
+    indices = torch.empty(p.shape[0], k, dtype=torch.int64, device=p.device)
+    with float32_distances(p):
+        centres = centres.float()
+        centres_sq = centres.pow(2).sum(dim=1).unsqueeze(0)  # (1, M)
+        for s in range(0, p.shape[0], step):
+            chunk = p[s : s + step].float()  # (n, D')
+            partial = torch.addmm(centres_sq, chunk, centres.t(), alpha=-2.0)  # (n, M)
+            v, i = torch.topk(partial, k, dim=1, largest=False, sorted=True)
+            values[s : s + step] = v + chunk.pow(2).sum(dim=1, keepdim=True)
+            indices[s : s + step] = i
+    return values, indices
 
 
 class _SelectedSquaredDistance(torch.autograd.Function):
@@ -58,9 +69,10 @@ class _SelectedSquaredDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: Tensor, centres: Tensor, idx: Tensor, step: int) -> Tensor:
         out = torch.empty(idx.shape, dtype=torch.float32, device=p.device)  # (N, k)
-        for s in range(0, p.shape[0], step):
-            diff = p[s : s + step].float().unsqueeze(1) - centres[idx[s : s + step]].float()
-            out[s : s + step] = diff.pow(2).sum(dim=-1)
+        with float32_distances(p):
+            for s in range(0, p.shape[0], step):
+                diff = p[s : s + step].float().unsqueeze(1) - centres[idx[s : s + step]].float()
+                out[s : s + step] = diff.pow(2).sum(dim=-1)
         ctx.save_for_backward(p, centres, idx)
         ctx.step = step
         return out
@@ -69,13 +81,14 @@ class _SelectedSquaredDistance(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         p, centres, idx = ctx.saved_tensors
         grad_p = torch.empty_like(p, dtype=torch.float32)
-        for s in range(0, p.shape[0], ctx.step):
-            g = grad_out[s : s + ctx.step]  # (n, k)
-            c_sel = centres[idx[s : s + ctx.step]].float()  # (n, k, D')
-            pulled = torch.einsum("nk,nkd->nd", g, c_sel)
-            grad_p[s : s + ctx.step] = 2.0 * (
-                p[s : s + ctx.step].float() * g.sum(1, keepdim=True) - pulled
-            )
+        with float32_distances(p):
+            for s in range(0, p.shape[0], ctx.step):
+                g = grad_out[s : s + ctx.step].float()  # (n, k)
+                c_sel = centres[idx[s : s + ctx.step]].float()  # (n, k, D')
+                pulled = torch.einsum("nk,nkd->nd", g, c_sel)
+                grad_p[s : s + ctx.step] = 2.0 * (
+                    p[s : s + ctx.step].float() * g.sum(1, keepdim=True) - pulled
+                )
         return grad_p.to(p.dtype), None, None, None
 
 
