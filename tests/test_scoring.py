@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cfa_lightning.models.scoring import (
+    GaussianBlur,
     anomaly_map,
     gaussian_sigma_kernel,
     nearest_centres,
@@ -69,12 +70,22 @@ def test_anomaly_map_upsamples_blurs_and_keeps_peak():
     assert gaussian_sigma_kernel(4.0) == 33
     scores = torch.zeros(1, 8, 12)
     scores[0, 2, 9] = 1.0
-    maps = anomaly_map(scores, (64, 96), sigma=4.0)
+    maps = anomaly_map(scores, (64, 96), GaussianBlur(4.0))
     assert maps.shape == (1, 64, 96)
     peak = divmod(int(maps[0].argmax()), 96)
     assert abs(peak[0] - (2 + 0.5) * 8) <= 2 and abs(peak[1] - (9 + 0.5) * 8) <= 2
-    const = anomaly_map(torch.full((2, 4, 4), 0.7), (32, 32))
+    const = anomaly_map(torch.full((2, 4, 4), 0.7), (32, 32), GaussianBlur(4.0))
     assert torch.allclose(const, torch.full_like(const, 0.7), atol=1e-6)  # reflect padding
+
+
+def test_blur_matches_torchvision_gaussian_blur():
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(3)
+    maps = torch.rand(2, 1, 40, 56)
+    expected = TF.gaussian_blur(maps, kernel_size=[33, 33], sigma=[4.0, 4.0])  # reflect padding
+    assert torch.allclose(GaussianBlur(4.0)(maps), expected, atol=1e-6)
+    assert torch.equal(GaussianBlur(0.0)(maps), maps)
 
 
 def test_distances_stay_float32_under_bf16_autocast():

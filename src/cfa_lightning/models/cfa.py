@@ -9,11 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import Backbone
+from .calibration import Calibration
 from .descriptor import PatchDescriptor
 from .loss import CFALoss
 from .memory_bank import MemoryBank
 from .scoring import (
     DEFAULT_CHUNK_BYTES,
+    GaussianBlur,
     anomaly_map,
     nearest_centres,
     patch_scores,
@@ -63,6 +65,7 @@ class CFA(nn.Module):
         self.input_size = as_size(input_size)
         self.K, self.J = K, J
         self.blur_sigma = blur_sigma
+        self.blur = GaussianBlur(blur_sigma)
         self.chunk_bytes = chunk_bytes
         self.descriptor = PatchDescriptor(backbone.channels, gamma_d)
         with torch.no_grad():  # (h, w) of the first tap at this input size
@@ -76,6 +79,7 @@ class CFA(nn.Module):
         self.loss_fn = CFALoss(
             K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius
         )
+        self.calibration = Calibration()  # thresholds + normalisation, fitted on validation
 
     def describe(self, images: Tensor) -> Tensor:
         """phi(Z): (B, 3, H, W) -> (B, D', h, w)."""
@@ -121,7 +125,7 @@ class CFA(nn.Module):
         """(N, K) nearest squared distances -> image scores and blurred maps at out_size."""
         b, _, h, w = desc_shape
         scores = patch_scores(nearest_sq).view(b, h, w)  # (B, h, w)
-        maps = anomaly_map(scores, tuple(out_size), self.blur_sigma)  # (B, H, W)
+        maps = anomaly_map(scores, tuple(out_size), self.blur)  # (B, H, W)
         return CFAOutput(maps.flatten(1).amax(dim=1), maps)
 
     def forward(self, images: Tensor) -> CFAOutput:

@@ -30,17 +30,18 @@ class PatchDescriptor(nn.Module):
     def stack(self, features: list[Tensor]) -> Tensor:
         """[Z, rows, cols] channels-last: taps [(B, C_l, h_l, w_l)] -> (B, h, w, D + 2)."""
         b, _, h, w = features[0].shape  # (h, w) of Q_1
-        z = features[0].new_empty(b, h, w, self.in_dim + 2)
-        offset = 0
+        parts = []
         for feat in features:
             q = self.pool(feat)  # (B, C_l, h_l, w_l)
             if q.shape[-2:] != (h, w):
                 q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
-            z[..., offset : offset + q.shape[1]] = q.permute(0, 2, 3, 1)
-            offset += q.shape[1]
-        z[..., -2] = torch.linspace(-1.0, 1.0, h, device=z.device, dtype=z.dtype).view(1, h, 1)
-        z[..., -1] = torch.linspace(-1.0, 1.0, w, device=z.device, dtype=z.dtype).view(1, 1, w)
-        return z
+            parts.append(q.permute(0, 2, 3, 1))  # (B, h, w, C_l), a view for channels-last taps
+        ref = features[0]
+        rows = torch.linspace(-1.0, 1.0, h, device=ref.device, dtype=ref.dtype)
+        cols = torch.linspace(-1.0, 1.0, w, device=ref.device, dtype=ref.dtype)
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (h, w, 2)
+        parts.append(grid.unsqueeze(0).expand(b, h, w, 2))
+        return torch.cat(parts, dim=-1)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         z = self.stack(features)  # (B, h, w, D + 2)

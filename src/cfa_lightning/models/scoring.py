@@ -6,8 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
+from torch import Tensor, nn
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # memory budget for one block of the (patches x centres) product
 
@@ -35,32 +34,39 @@ def squared_distances(p: Tensor, centres: Tensor, centres_sq: Tensor | None = No
 
 @torch.no_grad()
 def nearest_centres(
-    p: Tensor, centres: Tensor, k: int, budget_bytes: int = DEFAULT_CHUNK_BYTES
+    p: Tensor, centres: Tensor, k: int, budget_bytes: int | None = DEFAULT_CHUNK_BYTES
 ) -> tuple[Tensor, Tensor]:
     """The k smallest squared distances of every patch, ascending, and their centre indices.
 
     p: (N, D'), centres: (M, D') -> values (N, k) float32, indices (N, k) int64. Computed in
-    chunks of patches so peak memory is bounded by `budget_bytes`, whatever N and M are. The
-    per-patch constant ||p||^2 does not change the ranking, so it is added to the k winners only.
+    chunks of patches so peak memory is bounded by `budget_bytes`, whatever N and M are
+    (`None`: one block, a graph without loops for export). The per-patch constant ||p||^2 does
+    not change the ranking, so it is added to the k winners only.
     """
     if k > centres.shape[0]:
         raise ValueError(
             f"need {k} nearest centres but the memory bank holds only {centres.shape[0]}; "
             "lower model.gamma_c or model.K / model.J"
         )
-    step = chunk_rows(centres.shape[0], budget_bytes)
-    values = torch.empty(p.shape[0], k, dtype=torch.float32, device=p.device)
-    indices = torch.empty(p.shape[0], k, dtype=torch.int64, device=p.device)
     with float32_distances(p):
         centres = centres.float()
         centres_sq = centres.pow(2).sum(dim=1).unsqueeze(0)  # (1, M)
+        if budget_bytes is None:
+            return _nearest_block(p.float(), centres, centres_sq, k)
+        step = chunk_rows(centres.shape[0], budget_bytes)
+        values = torch.empty(p.shape[0], k, dtype=torch.float32, device=p.device)
+        indices = torch.empty(p.shape[0], k, dtype=torch.int64, device=p.device)
         for s in range(0, p.shape[0], step):
-            chunk = p[s : s + step].float()  # (n, D')
-            partial = torch.addmm(centres_sq, chunk, centres.t(), alpha=-2.0)  # (n, M)
-            v, i = torch.topk(partial, k, dim=1, largest=False, sorted=True)
-            values[s : s + step] = v + chunk.pow(2).sum(dim=1, keepdim=True)
-            indices[s : s + step] = i
+            values[s : s + step], indices[s : s + step] = _nearest_block(
+                p[s : s + step].float(), centres, centres_sq, k
+            )
     return values, indices
+
+
+def _nearest_block(p: Tensor, centres: Tensor, centres_sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    partial = torch.addmm(centres_sq, p, centres.t(), alpha=-2.0)  # (n, M): d - ||p||^2
+    v, i = torch.topk(partial, k, dim=1, largest=False, sorted=True)
+    return v + p.pow(2).sum(dim=1, keepdim=True), i
 
 
 class _SelectedSquaredDistance(torch.autograd.Function):
@@ -112,12 +118,31 @@ def gaussian_sigma_kernel(sigma: float) -> int:
     return 2 * math.ceil(4 * sigma) + 1
 
 
-def anomaly_map(scores: Tensor, output_size: tuple[int, int], sigma: float = 4.0) -> Tensor:
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur with reflect padding and a fixed kernel (exportable); sigma 0: none."""
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        self.sigma = float(sigma)
+        size = gaussian_sigma_kernel(sigma) if sigma > 0 else 1
+        x = torch.arange(size, dtype=torch.float64) - size // 2
+        kernel = torch.exp(-(x**2) / (2 * max(self.sigma, 1e-12) ** 2))
+        self.register_buffer("kernel", (kernel / kernel.sum()).float(), persistent=False)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        """(B, 1, H, W) -> (B, 1, H, W)."""
+        size = self.kernel.numel()
+        if size == 1:
+            return maps
+        pad = size // 2
+        x = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
+        x = F.conv2d(x, self.kernel.view(1, 1, 1, size))
+        return F.conv2d(x, self.kernel.view(1, 1, size, 1))
+
+
+def anomaly_map(scores: Tensor, output_size: tuple[int, int], blur: GaussianBlur) -> Tensor:
     """(B, h, w) patch scores -> bilinear upsample to output_size -> Gaussian blur (reflect)."""
     maps = F.interpolate(
         scores.unsqueeze(1), size=output_size, mode="bilinear", align_corners=False
     )  # (B, 1, H, W)
-    if sigma > 0:
-        k = gaussian_sigma_kernel(sigma)
-        maps = TF.gaussian_blur(maps, kernel_size=[k, k], sigma=[sigma, sigma])
-    return maps.squeeze(1)  # (B, H, W)
+    return blur(maps).squeeze(1)  # (B, H, W)

@@ -1,0 +1,132 @@
+"""Score in-memory images with a trained model: PIL images, numpy arrays or tensors in,
+raw and normalised scores, a decision, an anomaly map and a defect mask out.
+
+    from cfa_lightning.inference import Predictor
+    predictor = Predictor.from_checkpoint("outputs/train/<run>/checkpoints/last.ckpt")
+    result = predictor.predict(PIL.Image.open("part.png"))
+    result.score, result.normalized_score, result.is_anomalous, result.anomaly_map, result.mask
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data.transforms import ImageMaskTransform, load_rgb, to_rgb
+from .models.cfa import CFA
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor | str | Path
+
+
+@dataclass
+class Prediction:
+    score: float  # raw image score (max of the map)
+    normalized_score: float  # in [0, 1], threshold at 0.5; nan if the model is not calibrated
+    is_anomalous: bool | None  # None if the model is not calibrated
+    anomaly_map: np.ndarray  # (H, W) float32 raw map at the input image's resolution
+    mask: np.ndarray | None  # (H, W) bool predicted defect pixels; None if not calibrated
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """Any supported image -> 8-bit RGB PIL image (grayscale, RGBA, 16-bit and float handled)."""
+    if isinstance(image, str | Path):
+        return load_rgb(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):  # (C, H, W) -> (H, W, C)
+            t = t.permute(1, 2, 0)
+        image = t.numpy()
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.dtype.kind == "f":  # floats are taken as [0, 1]
+            a = (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
+        elif a.dtype == np.uint16:
+            return to_rgb(Image.fromarray(a if a.ndim == 2 else (a // 257).astype(np.uint8)))
+        elif a.dtype != np.uint8:
+            raise TypeError(f"unsupported array dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+            raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
+        return to_rgb(Image.fromarray(np.ascontiguousarray(a)))
+    raise TypeError(f"cannot score an object of type {type(image).__name__}")
+
+
+class Predictor:
+    """Resize (and crop) like training, score in batches, map back to each image's own size."""
+
+    def __init__(
+        self,
+        model: CFA,
+        image_size: int | list[int] | None = None,
+        crop_size: int | list[int] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.transform = ImageMaskTransform(image_size or list(model.input_size), crop_size)
+        if tuple(self.transform.output_size) != tuple(model.input_size):
+            raise ValueError(
+                f"image_size/crop_size give {self.transform.output_size} but the model was "
+                f"trained at {model.input_size}"
+            )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+        """Load a training checkpoint; resize and crop are read from the data config saved in it."""
+        from .models.lit_module import CFALitModule
+
+        module = CFALitModule.from_checkpoint(path)
+        data = torch.load(path, map_location="cpu", weights_only=False).get(
+            "datamodule_hyper_parameters", {}
+        )
+        return cls(module.model, data.get("image_size"), data.get("crop_size"), device)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.model.calibration.fitted)
+
+    def predict(self, image: ImageLike) -> Prediction:
+        return self.predict_batch([image])[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
+        pils = [to_pil(im) for im in images]
+        batch = torch.stack([self.transform(im, None)[0] for im in pils]).to(self.device)
+        out = self.model(batch)
+        cal = self.model.calibration
+        results = []
+        for pil, score, fmap in zip(pils, out.image_scores, out.maps, strict=True):
+            raw = self._to_original(fmap, pil.size[::-1])  # (H0, W0)
+            if self.calibrated:
+                norm = float(cal.normalize(score, cal.image_threshold))
+                decision = bool(score > cal.image_threshold)
+                mask = (raw > float(cal.pixel_threshold)).numpy()
+            else:
+                norm, decision, mask = float("nan"), None, None
+            results.append(Prediction(float(score), norm, decision, raw.numpy().astype(np.float32), mask))
+        return results
+
+    def _to_original(self, fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Map (h, w) at model resolution -> (H0, W0); outside a centre crop: the lowest value."""
+        h0, w0 = size
+        fmap = fmap.float().cpu()
+        crop = self.transform.crop_size
+        if crop is None:
+            return F.interpolate(fmap[None, None], size=(h0, w0), mode="bilinear", align_corners=False)[0, 0]
+        rh, rw = self.transform.image_size
+        top, left = (rh - crop[0]) // 2, (rw - crop[1]) // 2  # torchvision's centre-crop offsets
+        y0, x0 = round(top * h0 / rh), round(left * w0 / rw)
+        y1, x1 = round((top + crop[0]) * h0 / rh), round((left + crop[1]) * w0 / rw)
+        full = torch.full((h0, w0), float(fmap.min()))
+        full[y0:y1, x0:x1] = F.interpolate(
+            fmap[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False
+        )[0, 0]
+        return full

@@ -1,0 +1,105 @@
+"""Score new images: `python -m cfa_lightning.predict ckpt_path=... input=... output_dir=...`.
+
+Writes per image an overlay (image | heat map | predicted-defect contour), the binary mask as PNG,
+optionally the raw map as .npy, and one predictions.csv. Unreadable files are reported by name,
+skipped, and counted at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from .config import CONFIG_DIR
+from .data.mvtec import IMAGE_EXTENSIONS
+from .data.transforms import load_rgb
+from .inference import Predictor
+from .visualize import overlay_panel
+
+log = logging.getLogger("cfa_lightning.predict")
+
+
+def resolve_inputs(spec: str, recursive: bool = False) -> list[Path]:
+    """A file, a folder (its images), or a glob pattern -> sorted image paths."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    else:
+        files = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+    if not files:
+        raise FileNotFoundError(
+            f"input={spec!r} matches no image (a file, a folder of {'/'.join(sorted(IMAGE_EXTENSIONS))} "
+            "files, or a glob pattern such as 'photos/*.jpg')"
+        )
+    return sorted(files)
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """File stems, made unique when two inputs share one (a.png, a.jpg -> a_png, a_jpg)."""
+    stems = [p.stem for p in paths]
+    return [f"{p.stem}_{p.suffix.lstrip('.')}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+
+
+def predict(cfg: DictConfig) -> tuple[int, int]:
+    """Returns (images scored, files skipped)."""
+    predictor = Predictor.from_checkpoint(cfg.ckpt_path, device=cfg.device)
+    if not predictor.calibrated:
+        log.warning("the checkpoint has no calibrated thresholds: decisions and masks are left out")
+    paths = resolve_inputs(str(cfg.input), cfg.recursive)
+    stems = dict(zip(paths, output_stems(paths), strict=True))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], []
+    for start in range(0, len(paths), cfg.batch_size):
+        images, chunk = [], []
+        for path in paths[start : start + cfg.batch_size]:
+            try:
+                images.append(load_rgb(path))
+                chunk.append(path)
+            except (ValueError, FileNotFoundError, OSError) as err:
+                log.error("skipped %s: %s", path, err)
+                skipped.append(path)
+        if not images:
+            continue
+        for path, image, result in zip(chunk, images, predictor.predict_batch(images), strict=True):
+            stem = stems[path]
+            if result.mask is not None:
+                Image.fromarray(result.mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
+            if cfg.save_npy:
+                np.save(out / f"{stem}_map.npy", result.anomaly_map)
+            if cfg.overlays:
+                cal = predictor.model.calibration
+                low = float(cal.low) if predictor.calibrated else float(result.anomaly_map.min())
+                high = 2 * float(cal.pixel_threshold) - low if predictor.calibrated else result.score
+                heat = (result.anomaly_map - low) / max(high - low, 1e-12)  # threshold at 0.5
+                panel = overlay_panel(np.asarray(image), heat, result.mask)
+                Image.fromarray(panel).save(out / f"{stem}_overlay.png")
+            rows.append([str(path), f"{result.score:.6g}", f"{result.normalized_score:.4f}",
+                         {True: "anomalous", False: "normal", None: ""}[result.is_anomalous]])  # fmt: skip
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "score", "normalized_score", "decision"])
+        writer.writerows(rows)
+    log.info("scored %d image(s) into %s", len(rows), out)
+    if skipped:
+        log.warning("skipped %d unreadable file(s): %s", len(skipped), ", ".join(map(str, skipped)))
+    return len(rows), len(skipped)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
