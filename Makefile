@@ -5,7 +5,7 @@ SYSTEM_PYTHON ?= python3
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format demo train bench clean
+.PHONY: help install test test-slow lint format demo train bench bench-real clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -38,7 +38,10 @@ demo: ## Train and test on generated synthetic data with real lite0 weights (a f
 train: ## Train and test, e.g. make train ARGS="+experiment=wide_resnet50 data.category=screw"
 	$(PYTHON) -m cfa_lightning.train $(ARGS)
 
-bench: ## Real-data benchmark: lite0 on ../shared/data cookies and magnetic_tile (prints a table)
+bench: ## Speed/memory benchmark, fast path vs naive (quick; all cells: python experiments/benchmark.py)
+	$(PYTHON) experiments/benchmark.py --quick $(ARGS)
+
+bench-real: ## Real-data benchmark: lite0 on ../shared/data cookies and magnetic_tile (AUROC table)
 	$(PYTHON) experiments/real_data_benchmark.py $(ARGS)
 
 clean: ## Remove run outputs and caches (keeps the venv)

@@ -112,3 +112,31 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
         CFALitModule.from_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         CFALitModule.from_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_thresholds_are_calibrated_on_validation_and_saved(tmp_path, datamodule):
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80], threshold_quantile=0.9)
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    cal = module.model.calibration
+    assert bool(cal.fitted)
+    with torch.no_grad():
+        scores = torch.cat(
+            [module.model(b["image"]).image_scores for b in datamodule.val_dataloader()]
+        )
+    assert float(cal.image_threshold) == pytest.approx(float(torch.quantile(scores, 0.9)), rel=1e-4)
+    ckpt = tmp_path / "cal.ckpt"
+    trainer.save_checkpoint(ckpt)
+    restored = CFALitModule.from_checkpoint(ckpt).model.calibration
+    assert torch.equal(restored.image_threshold, cal.image_threshold) and bool(restored.fitted)
+
+
+@pytest.mark.slow
+def test_compiled_descriptor_matches_eager():
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 64], compile=True)
+    module.setup("fit")
+    x = torch.rand(2, 3, 64, 64)
+    eager = module.model.descriptor(module.model.backbone(x))
+    assert torch.allclose(module.model.describe(x), eager, atol=1e-5)

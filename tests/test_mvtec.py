@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import torch
 from PIL import Image
 
 from cfa_lightning.data import MVTecDataModule, MVTecDataset, scan_mvtec_category
-from cfa_lightning.data.mvtec import MVTEC_CATEGORIES, MVTEC_URL
+from cfa_lightning.data.mvtec import (
+    MIN_IMAGE_SIDE,
+    MVTEC_CATEGORIES,
+    MVTEC_COUNTS,
+    MVTEC_URL,
+    count_samples,
+)
 from cfa_lightning.data.synthetic import generate_synthetic_dataset
 
 SIZE = (48, 64)  # (H, W), non-square on purpose
@@ -69,7 +76,8 @@ def test_extensions_case_insensitive_and_non_images_ignored(copy_root):
     (train_dir / "000.png").rename(train_dir / "AAA.PNG")
     (train_dir / "notes.txt").write_text("x")
     (train_dir / ".hidden.png").write_bytes(b"")
-    names = [s.path.name for s in scan_mvtec_category(copy_root, "synthetic")["train"]]
+    with pytest.warns(UserWarning, match=r"ignored 1 file\(s\) .*notes.txt"):
+        names = [s.path.name for s in scan_mvtec_category(copy_root, "synthetic")["train"]]
     assert names[-1] == "AAA.PNG" and len(names) == N_TRAIN
 
 
@@ -266,3 +274,173 @@ def test_real_data_counts_and_one_item():
     assert item["image"].shape == (3, 256, 256) and item["mask"].shape == (1, 256, 256)
     assert item["label"].item() == 1 and item["defect_type"] == "uneven"
     assert np.isfinite(item["image"].numpy()).all()
+
+
+# ---------------------------------------------------------------------------- counts table
+
+
+def test_counts_table_matches_the_paper_totals():
+    assert tuple(MVTEC_COUNTS) == MVTEC_CATEGORIES
+    assert sum(c.train for c in MVTEC_COUNTS.values()) == 3629
+    assert sum(c.test_good for c in MVTEC_COUNTS.values()) == 467
+    assert sum(c.test_defect for c in MVTEC_COUNTS.values()) == 1258
+    assert sum(c.defect_types for c in MVTEC_COUNTS.values()) == 73
+    assert {k for k, c in MVTEC_COUNTS.items() if c.grayscale} == {"grid", "screw", "zipper"}
+
+
+def _fake_complete_copy(root: Path, category: str) -> None:
+    """Every file a complete copy of ``category`` holds, as tiny 32 x 32 PNGs."""
+    counts = MVTEC_COUNTS[category]
+    buffer = io.BytesIO()
+    Image.new("L" if counts.grayscale else "RGB", (32, 32), 128).save(buffer, format="PNG")
+    blob = buffer.getvalue()
+    buffer = io.BytesIO()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:9, 4:9] = 255
+    Image.fromarray(mask).save(buffer, format="PNG")
+    mask_blob = buffer.getvalue()
+    base = root / category
+    folders = [base / "train/good", base / "test/good"]
+    defects = [f"defect_{k}" for k in range(counts.defect_types)]
+    for folder in folders + [base / "test" / d for d in defects]:
+        folder.mkdir(parents=True)
+    for folder in base / "ground_truth", *(base / "ground_truth" / d for d in defects):
+        folder.mkdir(exist_ok=True)
+    for i in range(counts.train):
+        (folders[0] / f"{i:03d}.png").write_bytes(blob)
+    for i in range(counts.test_good):
+        (folders[1] / f"{i:03d}.png").write_bytes(blob)
+    for i in range(counts.test_defect):  # round robin over the defect types
+        defect = defects[i % len(defects)]
+        (base / "test" / defect / f"{i:03d}.png").write_bytes(blob)
+        (base / "ground_truth" / defect / f"{i:03d}_mask.png").write_bytes(mask_blob)
+
+
+def test_scan_of_a_complete_copy_matches_the_table(tmp_path, recwarn):
+    for category in MVTEC_CATEGORIES:
+        _fake_complete_copy(tmp_path, category)
+        samples = scan_mvtec_category(tmp_path, category)
+        assert count_samples(samples) == MVTEC_COUNTS[category]._replace(grayscale=False), category
+    # Grayscale categories load as 3-channel images; a complete copy raises no count warning.
+    dm = MVTecDataModule(str(tmp_path), "zipper", image_size=32, val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.train_set[0]["image"].shape == (3, 32, 32) and dm.has_masks
+    assert not [w for w in recwarn if "incomplete copy" in str(w.message)]
+    (tmp_path / "zipper/train/good/000.png").unlink()
+    with pytest.warns(UserWarning, match="239 train.*complete MVTec AD 'zipper' has 240"):
+        MVTecDataModule(str(tmp_path), "zipper", image_size=32).setup("fit")
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+def test_unknown_or_misspelled_category_is_never_downloaded(tmp_path):
+    download = {"enabled": True, "url": "http://127.0.0.1:9/never", "sha256": None}
+    with pytest.raises(FileNotFoundError, match="Did you mean: bottle"):
+        MVTecDataModule(str(tmp_path), "botle", download=download).prepare_data()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MVTecDataModule(str(tmp_path / "x"), "bottle", download={}).prepare_data()
+
+
+def test_truncated_file_stops_at_setup_or_is_skipped_and_counted(copy_root):
+    bad = copy_root / "synthetic/train/good/003.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    (copy_root / "synthetic/test/good/001.png").write_text("not an image")
+    with pytest.raises(ValueError, match="2 bad image") as info:
+        _dm(copy_root)
+    assert "003.png" in str(info.value) and "001.png" in str(info.value)
+    assert "data.skip_bad_images=true" in str(info.value)
+    with pytest.warns(UserWarning, match=r"skipped 2 of \d+ image"):
+        dm = _dm(copy_root, skip_bad_images=True)
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN - 1
+    assert len(dm.test_set) == N_GOOD - 1 + 2 * N_DEFECT
+
+
+def test_mask_size_mismatch_stops_at_setup(copy_root):
+    mask_path = copy_root / "synthetic/ground_truth/spot/000_mask.png"
+    Image.new("L", (SIZE[1], SIZE[0] + 3), 0).save(mask_path)
+    with pytest.raises(ValueError, match="mask is 64x51 but its image 000.png is 64x48"):
+        _dm(copy_root)
+    with pytest.warns(UserWarning, match="skipped 1 of"):
+        dm = _dm(copy_root, skip_bad_images=True)
+    assert len(dm.test_set) == N_GOOD + 2 * N_DEFECT - 1
+
+
+def test_very_small_images_are_refused_larger_ones_of_any_shape_work(copy_root):
+    train_dir = copy_root / "synthetic/train/good"
+    Image.new("RGB", (MIN_IMAGE_SIDE - 1, 200), (9, 9, 9)).save(train_dir / "tiny.png")
+    with pytest.raises(ValueError, match=f"31x200 px, smaller than {MIN_IMAGE_SIDE} px"):
+        _dm(copy_root)
+    (train_dir / "tiny.png").unlink()
+    Image.new("RGB", (MIN_IMAGE_SIDE, 500), (9, 9, 9)).save(train_dir / "narrow.png")
+    Image.new("RGB", (900, 40), (9, 9, 9)).save(train_dir / "wide.png")
+    dm = _dm(copy_root, val_fraction=0.0, batch_size=N_TRAIN + 2)
+    assert next(iter(dm.bank_dataloader()))["image"].shape == (N_TRAIN + 2, 3, *SIZE)
+
+
+def test_image_modes_mix_in_one_batch(copy_root):
+    train_dir = copy_root / "synthetic/train/good"
+    rgb = Image.open(train_dir / "000.png").convert("RGB")
+    rgb.convert("L").save(train_dir / "gray.png")
+    rgb.convert("RGBA").save(train_dir / "rgba.png")
+    rgb.convert("P").save(train_dir / "palette.png")
+    Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257).save(train_dir / "i16.png")
+    rgb.convert("CMYK").save(train_dir / "cmyk.tif")
+    dm = _dm(copy_root, val_fraction=0.0, batch_size=N_TRAIN + 5)
+    batch = next(iter(dm.bank_dataloader()))
+    assert batch["image"].shape == (N_TRAIN + 5, 3, *SIZE) and torch.isfinite(batch["image"]).all()
+
+
+def test_soft_mask_values_are_binarised_with_a_warning(copy_root):
+    mask_path = copy_root / "synthetic/ground_truth/scratch/000_mask.png"
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[mask == 255] = 200  # e.g. anti-aliased or 0/1-scaled annotations
+    mask[0, :3] = (1, 100, 128)
+    Image.fromarray(mask).save(mask_path)
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) hold values other than 0 and 255"):
+        dm = _dm(copy_root)
+    index = next(i for i, s in enumerate(dm.test_set.samples) if s.mask_path == mask_path)
+    item = dm.test_set[index]["mask"]
+    assert set(item.unique().tolist()) == {0.0, 1.0}
+    assert item[0, 0, :3].tolist() == [0.0, 0.0, 1.0]  # > 127 is a defect
+
+
+def test_mask_without_image_is_reported(copy_root):
+    Image.new("L", (SIZE[1], SIZE[0]), 0).save(
+        copy_root / "synthetic/ground_truth/spot/077_mask.png"
+    )
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) .* no test image .*077_mask.png"):
+        scan_mvtec_category(copy_root, "synthetic")
+
+
+def test_symlinked_folders_spaces_and_non_ascii_names(copy_root, tmp_path):
+    category = copy_root / "synthetic"
+    for path in (category / "test/spot").iterdir():
+        path.rename(path.with_name(f"Fleck ü {path.name}"))
+    for path in (category / "ground_truth/spot").iterdir():
+        path.rename(path.with_name(f"Fleck ü {path.name}"))
+    linked = tmp_path / "linked root"
+    linked.mkdir()
+    (linked / "synthetic").symlink_to(category, target_is_directory=True)
+    moved = tmp_path / "elsewhere"
+    (category / "train/good").rename(moved)
+    (category / "train/good").symlink_to(moved, target_is_directory=True)
+    dm = _dm(linked)
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN
+    spots = [s for s in dm.test_set.samples if s.defect_type == "spot"]
+    assert len(spots) == N_DEFECT and all(s.mask_path.name.startswith("Fleck ü ") for s in spots)
+    assert next(iter(dm.test_dataloader()))["image"].shape[1:] == (3, *SIZE)
+
+
+def test_cached_dataset_decodes_each_image_once(tmp_path):
+    from cfa_lightning.data.transforms import ImageMaskTransform
+
+    root = tmp_path / "d"
+    generate_synthetic_dataset(root, n_train=3, n_test_good=1, n_test_defect=1, image_size=(40, 40))
+    samples = scan_mvtec_category(root, "synthetic")["train"]
+    cached = MVTecDataset(samples, ImageMaskTransform(32), cache=True)
+    first = cached[0]["image"].clone()
+    samples[0].path.unlink()  # a second read from disk would now fail
+    assert torch.equal(cached[0]["image"], first)
+    with pytest.raises(FileNotFoundError):
+        MVTecDataset(samples, ImageMaskTransform(32))[0]

@@ -52,9 +52,13 @@ def to_pil(image: ImageLike) -> Image.Image:
         elif a.dtype == np.uint16:
             return to_rgb(Image.fromarray(a if a.ndim == 2 else (a // 257).astype(np.uint8)))
         elif a.dtype != np.uint8:
-            raise TypeError(f"unsupported array dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
+            raise TypeError(
+                f"unsupported array dtype {a.dtype}; use uint8, uint16 or float in [0, 1]"
+            )
         if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-            raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
+            raise ValueError(
+                f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}"
+            )
         return to_rgb(Image.fromarray(np.ascontiguousarray(a)))
     raise TypeError(f"cannot score an object of type {type(image).__name__}")
 
@@ -111,7 +115,9 @@ class Predictor:
                 mask = (raw > float(cal.pixel_threshold)).numpy()
             else:
                 norm, decision, mask = float("nan"), None, None
-            results.append(Prediction(float(score), norm, decision, raw.numpy().astype(np.float32), mask))
+            results.append(
+                Prediction(float(score), norm, decision, raw.numpy().astype(np.float32), mask)
+            )
         return results
 
     def _to_original(self, fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -120,7 +126,9 @@ class Predictor:
         fmap = fmap.float().cpu()
         crop = self.transform.crop_size
         if crop is None:
-            return F.interpolate(fmap[None, None], size=(h0, w0), mode="bilinear", align_corners=False)[0, 0]
+            return F.interpolate(
+                fmap[None, None], size=(h0, w0), mode="bilinear", align_corners=False
+            )[0, 0]
         rh, rw = self.transform.image_size
         top, left = (rh - crop[0]) // 2, (rw - crop[1]) // 2  # torchvision's centre-crop offsets
         y0, x0 = round(top * h0 / rh), round(left * w0 / rw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -45,9 +46,20 @@ def resolve_inputs(spec: str, recursive: bool = False) -> list[Path]:
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """File stems, made unique when two inputs share one (a.png, a.jpg -> a_png, a_jpg)."""
+    """Output names: the file stem, or, where stems collide, the path below the inputs' common
+    folder with '__' for '/' (good/000.png, bad/000.png -> good__000, bad__000)."""
     stems = [p.stem for p in paths]
-    return [f"{p.stem}_{p.suffix.lstrip('.')}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    names = []
+    for path, stem in zip(paths, stems, strict=True):
+        if stems.count(stem) == 1:
+            names.append(stem)
+            continue
+        relative = path.resolve().relative_to(common)
+        names.append("__".join([*relative.parent.parts, stem]) + f"_{path.suffix.lstrip('.')}")
+    return names
 
 
 def predict(cfg: DictConfig) -> tuple[int, int]:
@@ -80,7 +92,9 @@ def predict(cfg: DictConfig) -> tuple[int, int]:
             if cfg.overlays:
                 cal = predictor.model.calibration
                 low = float(cal.low) if predictor.calibrated else float(result.anomaly_map.min())
-                high = 2 * float(cal.pixel_threshold) - low if predictor.calibrated else result.score
+                high = (
+                    2 * float(cal.pixel_threshold) - low if predictor.calibrated else result.score
+                )
                 heat = (result.anomaly_map - low) / max(high - low, 1e-12)  # threshold at 0.5
                 panel = overlay_panel(np.asarray(image), heat, result.mask)
                 Image.fromarray(panel).save(out / f"{stem}_overlay.png")

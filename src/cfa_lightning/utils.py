@@ -42,6 +42,25 @@ def write_metrics(path: Path, metrics: dict[str, float], **info: Any) -> Path:
     return path
 
 
+def job_info(cfg: DictConfig) -> dict[str, Any]:
+    """What a results table needs to place a job: its values, protocol and Hydra overrides."""
+    info: dict[str, Any] = {
+        "seed": cfg.seed,
+        "backbone": cfg.backbone.name,
+        "category": cfg.data.category,
+        "image_size": plain(cfg.data.image_size),
+        "crop_size": plain(cfg.data.crop_size),
+        "max_epochs": cfg.trainer.get("max_epochs"),
+        "gamma_c": cfg.model.gamma_c,
+        "gamma_d": cfg.model.gamma_d,
+        "radius_init": cfg.model.radius,
+        "job": output_dir().name,
+    }
+    if HydraConfig.initialized():
+        info["overrides"] = list(HydraConfig.get().overrides.task)
+    return info
+
+
 def format_table(metrics: dict[str, float], title: str) -> str:
     width = max((len(k) for k in metrics), default=10)
     lines = [title, "-" * (width + 12)]
@@ -51,15 +70,22 @@ def format_table(metrics: dict[str, float], title: str) -> str:
 
 @contextmanager
 def closing_loggers(loggers: list[Any]) -> Iterator[None]:
-    """Finish W&B runs at the end of every job, also when the job fails (so sweeps go on)."""
+    """Finish W&B runs at the end of every job, also when the job fails (so sweeps go on).
+
+    A failed job's run is finished with exit code 1, so W&B marks it failed.
+    """
+    exit_code = 0
     try:
         yield
+    except BaseException:
+        exit_code = 1
+        raise
     finally:
         for logger in loggers:
             experiment_finish = getattr(getattr(logger, "_experiment", None), "finish", None)
             if callable(experiment_finish):
                 try:
-                    experiment_finish()
+                    experiment_finish(exit_code=exit_code)
                 except Exception as err:  # a logger failing to close must not hide the job's error
                     log.warning("could not close logger %s: %s", type(logger).__name__, err)
 

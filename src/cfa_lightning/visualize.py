@@ -23,14 +23,20 @@ def contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
 
 
 def overlay_panel(
-    image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, alpha: float = 0.5
+    image: np.ndarray,
+    heat: np.ndarray,
+    mask: np.ndarray | None,
+    truth: np.ndarray | None = None,
+    alpha: float = 0.5,
 ) -> np.ndarray:
-    """image | heat map over the image | image with the predicted-defect contour in red.
+    """image | heat map over the image | contours: predicted defect red, ground truth green.
 
-    image: (H, W, 3) uint8; heat: (H, W) in [0, 1]; mask: (H, W) bool or None -> (H, 3W, 3) uint8.
+    image: (H, W, 3) uint8; heat: (H, W) in [0, 1]; mask, truth: (H, W) bool or None
+    -> (H, 3W, 3) uint8.
     """
     blended = ((1 - alpha) * image + alpha * colormap(heat)).astype(np.uint8)
     outlined = image.copy()
-    if mask is not None and mask.any():
-        outlined[contour(mask)] = (255, 0, 0)
+    for region, colour in ((truth, (0, 220, 0)), (mask, (255, 0, 0))):
+        if region is not None and region.any():
+            outlined[contour(region)] = colour
     return np.concatenate([image, blended, outlined], axis=1)

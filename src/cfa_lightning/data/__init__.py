@@ -1,7 +1,8 @@
-"""Data: MVTec-layout folders, image/mask transforms and a synthetic generator."""
+"""Data: MVTec-layout and own folders, download, image/mask transforms, synthetic data."""
 
 from typing import TYPE_CHECKING
 
+from .folder import FolderDataModule
 from .mvtec import (
     IMAGE_EXTENSIONS,
     MVTEC_CATEGORIES,
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MVTEC_CATEGORIES",
+    "FolderDataModule",
     "ImageMaskTransform",
     "MVTecDataModule",
     "MVTecDataset",

@@ -41,7 +41,9 @@ class Calibration(nn.Module):
         normal_level = float(torch.quantile(image_scores.double().cpu(), quantile))
         f1 = f1_thresholds or {}
         image_thr = f1.get("image_threshold", normal_level)
-        pixel_thr = f1.get("pixel_threshold", image_thr if "image_threshold" in f1 else normal_level)
+        pixel_thr = f1.get(
+            "pixel_threshold", image_thr if "image_threshold" in f1 else normal_level
+        )
         self.image_threshold.fill_(image_thr)
         self.pixel_threshold.fill_(pixel_thr)
         self.low.fill_(min(map_low, image_thr, pixel_thr))

@@ -10,12 +10,15 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
+from ..distributed import PaddingFilter, current_eval_loader
 from ..metrics import AnomalyMetrics
 from .backbone import Backbone
 from .cfa import CFA
+
+MIN_CALIBRATION_IMAGES = 20  # below this, a warning that the thresholds are unreliable
 
 
 def _plain(cfg: Any) -> Any:
@@ -54,8 +57,10 @@ class CFALitModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         amsgrad: bool = True,
-        chunk_mb: int = 256,
+        chunk_mb: int = 64,
         naive_loss: bool = False,
+        threshold_quantile: float = 0.99,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         backbone = _plain(backbone)
@@ -76,10 +81,14 @@ class CFALitModule(pl.LightningModule):
             kmeans_seed=kmeans_seed,
             chunk_bytes=chunk_mb * 2**20,
         )
-        self.val_metrics = AnomalyMetrics(pixel=False)
+        self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
         self.test_results: dict[str, float] = {}
+        self._test_filter = PaddingFilter()  # drops the duplicates a DistributedSampler pads in
         self._val_has_anomaly = False
+        self._val_scores: list[torch.Tensor] = []
+        self._val_low = float("inf")
+        self._calibrated_from = 0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> CFALitModule:
@@ -102,6 +111,11 @@ class CFALitModule(pl.LightningModule):
                 f"{path} does not match the model its own hyper-parameters describe: {err}"
             ) from err
         return module
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and not hasattr(self.model.describe, "_torchdynamo_orig_callable"):
+            # Backbone + descriptor only: the distance search has data-dependent chunking.
+            self.model.describe = torch.compile(self.model.describe)
 
     # ---- memory bank -------------------------------------------------------------------------
 
@@ -133,6 +147,10 @@ class CFALitModule(pl.LightningModule):
             total_count = trainer.strategy.reduce(total_count.clone(), reduce_op="sum")
         n_images = int(total_count)
         bank.finalize(total_sum, total_count)
+        if trainer is not None and trainer.world_size > 1:
+            # Identical inputs give identical banks, but k-means on a GPU is not bit-reproducible:
+            # every rank takes rank 0's centres.
+            bank.centres.copy_(trainer.strategy.broadcast(bank.centres, src=0))
         rank_zero_info(
             f"memory bank built from {n_images} training images: {tuple(bank.centres.shape)} centres"
         )
@@ -168,23 +186,73 @@ class CFALitModule(pl.LightningModule):
         bs = batch["image"].shape[0]
         self.log("val/loss", loss, prog_bar=True, batch_size=bs)
         self.log("val/score_mean", out.image_scores.mean(), batch_size=bs)
-        self.val_metrics.update(out.image_scores, batch["label"])
+        self.val_metrics.update(out.image_scores, batch["label"], out.maps, batch["mask"][:, 0])
         self._val_has_anomaly |= bool(batch["label"].any())
+        self._val_scores.append(out.image_scores.detach())
+        self._val_low = min(self._val_low, float(out.maps.min()))
 
     def on_validation_epoch_start(self) -> None:
         self._val_has_anomaly = False
+        self._val_scores: list[torch.Tensor] = []
+        self._val_low = float("inf")
 
     def on_validation_epoch_end(self) -> None:
         # The default validation split is normal images only: image metrics need a user-given
         # split with anomalies; val/loss and val/score_mean are logged either way.
+        f1_thresholds = {}
         if self._val_has_anomaly:
-            for name, value in self.val_metrics.compute().items():
+            results = self.val_metrics.compute()
+            for name, value in results.items():
                 self.log(f"val/{name}", value)
+            f1_thresholds = {k: v for k, v in results.items() if k.endswith("_threshold")}
         self.val_metrics.reset()
+        self._calibrate(f1_thresholds)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _calibrate(self, f1_thresholds: dict[str, float]) -> None:
+        """Thresholds and normalisation from this epoch's validation images (kept in checkpoints)."""
+        if not self._val_scores:
+            return
+        scores = self.all_gather(torch.cat(self._val_scores)).flatten()
+        low = float(self.all_gather(torch.tensor(self._val_low, device=self.device)).min())
+        cal = self.model.calibration
+        cal.fit(scores, low, self.hparams.threshold_quantile, f1_thresholds)
+        self._calibrated_from = scores.numel()
+        self.log("val/image_threshold", cal.image_threshold)
+        self.log("val/pixel_threshold", cal.pixel_threshold)
+
+    def on_train_end(self) -> None:
+        if not bool(self.model.calibration.fitted):
+            rank_zero_warn(
+                "no validation images, so no calibrated thresholds: predictions will carry raw "
+                "scores only. Keep data.val_fraction > 0 (or give a validation folder)."
+            )
+        elif self._calibrated_from < MIN_CALIBRATION_IMAGES:
+            rank_zero_warn(
+                f"thresholds were calibrated on only {self._calibrated_from} validation images: "
+                "the tail of the normal scores is barely seen, so expect false alarms. Raise "
+                "data.val_fraction or give a larger validation folder."
+            )
+
+    def on_test_start(self) -> None:
+        # A test set without any ground-truth mask (data=folder without data.mask_dir) gets
+        # image metrics only, rather than pixel metrics against all-zero masks.
+        has_masks = getattr(self.trainer.datamodule, "has_masks", True)
+        self.test_metrics.pixel = bool(has_masks)
+        if not has_masks:
+            rank_zero_info("no ground-truth masks in the test set: pixel metrics skipped")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_filter = PaddingFilter(current_eval_loader(self.trainer))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         out = self.model(batch["image"])
-        self.test_metrics.update(out.image_scores, batch["label"], out.maps, batch["mask"][:, 0])
+        keep = self._test_filter.keep(len(batch["image"]))
+        n = len(keep) if keep is not None else len(batch["image"])  # real samples come first
+        if n:
+            self.test_metrics.update(
+                out.image_scores[:n], batch["label"][:n], out.maps[:n], batch["mask"][:n, 0]
+            )
+        return out  # for callbacks (W&B media)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = {f"test/{k}": float(v) for k, v in self.test_metrics.compute().items()}

@@ -1,0 +1,52 @@
+"""A Hydra callback that reports, at the end of a multirun, which jobs failed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("cfa_lightning")
+
+
+def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
+    """Every job folder of a sweep with its status: "ok", "failed" or "missing" (no metrics.json)."""
+    sweep_dir = Path(sweep_dir)
+    jobs: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for job_dir in sorted(
+        p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
+        path = job_dir / "metrics.json"
+        if not path.is_file():
+            jobs[job_dir.name] = "missing"
+            continue
+        result = json.loads(path.read_text())
+        jobs[job_dir.name] = result.get("status", "ok")
+        if result.get("error"):
+            errors[job_dir.name] = result["error"]
+    failed = [name for name, status in jobs.items() if status != "ok"]
+    return {"n_jobs": len(jobs), "n_failed": len(failed), "failed": failed, "errors": errors,
+            "jobs": jobs}  # fmt: skip
+
+
+class SweepReport(Callback):
+    """Writes ``sweep_status.json`` into the sweep folder and logs the failed jobs, if any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        status = sweep_status(sweep_dir)
+        (sweep_dir / "sweep_status.json").write_text(json.dumps(status, indent=2) + "\n")
+        if status["n_failed"]:
+            lines = [f"  {name}: {status['errors'].get(name, status['jobs'][name])}"
+                     for name in status["failed"]]  # fmt: skip
+            log.error("%d of %d sweep jobs failed:\n%s", status["n_failed"], status["n_jobs"],
+                      "\n".join(lines))  # fmt: skip
+        else:
+            log.info("all %d sweep jobs finished; results in %s", status["n_jobs"], sweep_dir)

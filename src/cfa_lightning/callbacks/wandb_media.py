@@ -1,0 +1,211 @@
+"""W&B media for the test set: overlays, a per-image table and score histograms (rank 0 logs).
+
+Does nothing unless a ``WandbLogger`` is attached, so it can sit in the default callbacks.
+Under DDP every rank records its real samples (sampler padding dropped); rank 0 gathers them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from PIL import Image, ImageDraw
+from pytorch_lightning.loggers import WandbLogger
+
+from ..distributed import PaddingFilter, current_eval_loader, gather_objects
+
+CLASS_LABELS = {0: "normal", 1: "defect"}
+
+
+def sample_indices(n: int, k: int) -> list[int]:
+    """``k`` dataset indices spread evenly over ``range(n)``: a fixed sample, whatever the ranks."""
+    if n <= 0 or k <= 0:
+        return []
+    m = min(k, n)
+    return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """A blue-cyan-yellow-red ramp ("jet"-like) for values in [0, 1]: (H, W) -> (H, W, 3) uint8."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def histogram_image(
+    scores: np.ndarray, labels: np.ndarray, threshold: float | None, size=(640, 360), bins: int = 30
+) -> Image.Image:
+    """Score histograms of normal (blue) and anomalous (red) images, threshold as a black line."""
+    width, height = size
+    margin = 40
+    lo, hi = float(scores.min()), float(scores.max())
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    counts = [np.histogram(scores[labels == c], bins=edges)[0] for c in (0, 1)]
+    top = max(1, max(int(c.max(initial=0)) for c in counts))
+    canvas = Image.new("RGBA", size, (255, 255, 255, 255))
+    plot_w, plot_h = width - 2 * margin, height - 2 * margin
+
+    def x_of(value: float) -> float:
+        return margin + (value - lo) / (hi - lo) * plot_w
+
+    for count, colour in zip(counts, ((40, 90, 220, 140), (220, 40, 40, 140)), strict=True):
+        layer = Image.new("RGBA", size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        for i, c in enumerate(count):
+            if c:
+                y = height - margin - c / top * plot_h
+                draw.rectangle(
+                    [x_of(edges[i]), y, x_of(edges[i + 1]), height - margin], fill=colour
+                )
+        canvas = Image.alpha_composite(canvas, layer)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([margin, height - margin, width - margin, height - margin], fill="black")
+    if threshold is not None:
+        x = x_of(threshold)
+        draw.line([x, margin - 10, x, height - margin], fill="black", width=2)
+        draw.text((x + 4, margin - 10), f"threshold {threshold:.3g}", fill="black")
+    draw.text((margin, height - margin + 8), f"{lo:.3g}", fill="black")
+    draw.text((width - margin - 40, height - margin + 8), f"{hi:.3g}", fill="black")
+    draw.text((margin, 8), f"image score: normal (blue, n={int((labels == 0).sum())}), "
+              f"anomalous (red, n={int((labels == 1).sum())}); max count {top}", fill="black")  # fmt: skip
+    return canvas.convert("RGB")
+
+
+class WandbTestMedia(pl.Callback):
+    """Logs, after the test epoch, to the W&B run of a ``WandbLogger``:
+
+    - ``test/overlays``: ``num_images`` test images (a fixed, evenly spaced sample of the test
+      set), each the image beside its anomaly map over the image; ground truth and the
+      predicted mask (map >= the pixel F1 threshold) are W&B masks, toggled in the UI, or left
+      out with ``masks=False``;
+    - ``test/per_image``: a table of every test image (path, defect type, label, score);
+    - ``test/score_histogram``: normal vs anomalous image scores with the image threshold.
+    """
+
+    def __init__(
+        self, num_images: int = 8, masks: bool = True, table: bool = True, histogram: bool = True
+    ) -> None:
+        self.num_images = num_images
+        self.masks = masks
+        self.table = table
+        self.histogram = histogram
+        self._filter = PaddingFilter()
+        self._wanted: set[int] = set()
+        self._rows: list[tuple] = []
+        self._samples: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _wandb_logger(trainer: pl.Trainer) -> WandbLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logger = self._wandb_logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        # The run summary holds the best value where "best" means something; test metrics are
+        # logged once, so their summary is that value.
+        run = logger.experiment
+        run.define_metric("val/loss", summary="min")
+        run.define_metric("train/loss_epoch", summary="min")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows, self._samples = [], []
+        loader = current_eval_loader(trainer)
+        self._filter = PaddingFilter(loader)
+        n = len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else 0
+        self._wanted = set(sample_indices(n, self.num_images))
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._wandb_logger(trainer) is None or outputs is None:
+            return
+        scores = outputs.image_scores.detach().float().cpu()  # (B,)
+        keep = self._filter.keep(len(scores))
+        if keep is None:  # a sampler that gives no indices: number the samples as they come
+            keep = list(range(self._filter.position - len(scores), self._filter.position))
+        masks = batch.get("mask")  # (B, 1, H, W); a data set without masks may have none
+        paths = batch.get("image_path", [""] * len(scores))
+        defects = batch.get("defect_type", [""] * len(scores))
+        for j, index in enumerate(keep):
+            label = int(batch["label"][j])
+            self._rows.append((index, str(paths[j]), str(defects[j]), label, float(scores[j])))
+            if index in self._wanted:
+                image = batch["image"][j].detach().float().clamp(0, 1).permute(1, 2, 0)  # (H, W, 3)
+                self._samples.append({
+                    "index": index, "path": str(paths[j]), "defect": str(defects[j]),
+                    "score": float(scores[j]), "label": label,
+                    "image": (image.cpu().numpy() * 255).astype(np.uint8),
+                    "map": outputs.maps[j].detach().float().cpu().reshape(image.shape[:2]).numpy(),
+                    "mask": (masks[j].detach().cpu().reshape(image.shape[:2]).numpy() > 0
+                             if masks is not None else np.zeros(image.shape[:2], dtype=bool)),
+                })  # fmt: skip
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = self._wandb_logger(trainer)
+        if logger is None:
+            return
+        rows = [r for part in gather_objects(self._rows) for r in part]
+        samples = [s for part in gather_objects(self._samples) for s in part]
+        self._rows, self._samples = [], []
+        if not trainer.is_global_zero:
+            return
+        rows = sorted({r[0]: r for r in rows}.values())  # one row per dataset index
+        samples = sorted({s["index"]: s for s in samples}.values(), key=lambda s: s["index"])
+        results = getattr(pl_module, "test_results", {})
+        media = self._media(rows, samples, results)
+        if media:
+            logger.experiment.log(media)
+
+    def _media(self, rows: list[tuple], samples: list[dict], results: dict) -> dict[str, Any]:
+        import wandb
+
+        media: dict[str, Any] = {}
+        if self.table and rows:
+            media["test/per_image"] = wandb.Table(
+                columns=["index", "path", "defect_type", "label", "score"],
+                data=[list(r) for r in rows],
+            )
+        if self.histogram and rows:
+            scores = np.array([r[4] for r in rows])
+            labels = np.array([r[3] for r in rows])
+            media["test/score_histogram"] = wandb.Image(
+                histogram_image(scores, labels, results.get("test/image_threshold")),
+                caption="image scores, normal vs anomalous, with the best-F1 threshold",
+            )
+        if samples:
+            media["test/overlays"] = [self._overlay(s, samples, results) for s in samples]
+        return media
+
+    def _overlay(self, sample: dict, samples: list[dict], results: dict):
+        import wandb
+
+        lo = min(float(s["map"].min()) for s in samples)  # one colour scale for the whole sample
+        hi = max(float(s["map"].max()) for s in samples)
+        heat = colormap((sample["map"] - lo) / max(hi - lo, 1e-12))
+        blended = (0.5 * sample["image"] + 0.5 * heat).astype(np.uint8)
+        panel = np.concatenate([sample["image"], blended], axis=1)  # (H, 2W, 3): image | map
+        caption = (f"{Path(sample['path']).name} ({sample['defect']}), score {sample['score']:.4g}, "
+                   f"label {sample['label']}")  # fmt: skip
+        masks = None
+        if self.masks:
+            gt = np.tile(sample["mask"], (1, 2)).astype(np.uint8)
+            masks = {"ground_truth": {"mask_data": gt, "class_labels": CLASS_LABELS}}
+            threshold = results.get("test/pixel_threshold")
+            if threshold is not None:
+                predicted = np.tile(sample["map"] >= threshold, (1, 2)).astype(np.uint8)
+                masks["prediction"] = {"mask_data": predicted, "class_labels": CLASS_LABELS}
+        return wandb.Image(panel, caption=caption, masks=masks)

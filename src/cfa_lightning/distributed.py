@@ -1,0 +1,65 @@
+"""DDP helpers: which samples of an evaluation loader are real and which are sampler padding.
+
+Under DDP, Lightning gives each evaluation loader a ``DistributedSampler`` that pads the dataset
+with repeated indices until it splits evenly over the ranks. The repeats sit at the end of each
+rank's list, so a rank keeps the first ``len(range(rank, n, world_size))`` samples it sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def rank_sample_indices(loader: DataLoader) -> list[int] | None:
+    """The dataset indices this rank will see, in order, padding removed (None if unknown)."""
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None:
+        return None
+    try:
+        indices = [int(i) for i in iter(sampler)]
+    except TypeError:  # a sampler that does not yield indices
+        return None
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        n_real = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+        indices = indices[:n_real]
+    return indices
+
+
+class PaddingFilter:
+    """Walks an evaluation loader batch by batch and says which samples of each batch are real.
+
+    ``keep(batch_size)`` returns the dataset indices of the real samples of the next batch (a
+    prefix of the batch, since padding only ever comes last). Without a loader, all are real.
+    """
+
+    def __init__(self, loader: DataLoader | None = None) -> None:
+        self.indices = rank_sample_indices(loader) if loader is not None else None
+        self.position = 0
+
+    def keep(self, batch_size: int) -> list[int] | None:
+        """Dataset indices of the real samples of the next batch; None when nothing is known."""
+        start = self.position
+        self.position += batch_size
+        if self.indices is None:
+            return None
+        return self.indices[start : start + batch_size]
+
+
+def current_eval_loader(trainer: Any, dataloader_idx: int = 0) -> DataLoader | None:
+    """The test loader the trainer is running (Lightning keeps one or a list)."""
+    loaders = getattr(trainer, "test_dataloaders", None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+    return loaders
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a list of one when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

@@ -1,0 +1,56 @@
+"""The Python API: PIL images, numpy arrays and tensors in; scores, maps and masks out."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfa_lightning.inference import Predictor, to_pil
+
+
+def test_to_pil_accepts_arrays_tensors_and_modes():
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.integers(0, 255, (20, 30), dtype=np.uint8),  # grayscale
+        rng.integers(0, 255, (20, 30, 4), dtype=np.uint8),  # RGBA
+        rng.integers(0, 65535, (20, 30), dtype=np.uint16),  # 16-bit
+        rng.random((20, 30, 3)).astype(np.float32),  # float in [0, 1]
+        torch.rand(3, 20, 30),  # (C, H, W) tensor
+        torch.rand(1, 20, 30),
+        Image.new("P", (30, 20)),
+    ]
+    for case in cases:
+        image = to_pil(case)
+        assert image.mode == "RGB" and image.size == (30, 20)
+    with pytest.raises(TypeError, match="cannot score"):
+        to_pil(42)
+    with pytest.raises(ValueError, match="shape"):
+        to_pil(np.zeros((20, 30, 2), dtype=np.uint8))
+
+
+def test_predictor_returns_maps_at_each_input_resolution(trained_checkpoint):
+    predictor = Predictor.from_checkpoint(trained_checkpoint)
+    assert predictor.calibrated
+    images = [Image.new("RGB", (80, 64), (120, 100, 90)), np.zeros((33, 47), dtype=np.uint8),
+              torch.rand(3, 100, 50)]  # fmt: skip
+    results = predictor.predict_batch(images)
+    assert [r.anomaly_map.shape for r in results] == [(64, 80), (33, 47), (100, 50)]
+    for r in results:
+        assert r.anomaly_map.dtype == np.float32
+        assert 0.0 <= r.normalized_score <= 1.0
+        assert r.is_anomalous == (r.score > float(predictor.model.calibration.image_threshold))
+        assert r.mask.shape == r.anomaly_map.shape and r.mask.dtype == bool
+    single = predictor.predict(images[0])
+    assert single.score == pytest.approx(results[0].score, rel=1e-5)
+
+
+def test_crop_maps_back_to_the_crop_region(trained_checkpoint):
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    model = CFALitModule.from_checkpoint(trained_checkpoint).model
+    predictor = Predictor(model, image_size=[80, 100], crop_size=[64, 80])
+    fmap = predictor._to_original(torch.ones(64, 80) * 5, (160, 200))  # resize x2
+    inside = fmap[16:144, 20:180]  # crop offsets (8, 10) in resized pixels -> (16, 20)
+    assert torch.all(inside == 5) and fmap.shape == (160, 200)
+    with pytest.raises(ValueError, match="trained at"):
+        Predictor(model, image_size=128)

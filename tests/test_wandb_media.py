@@ -1,0 +1,48 @@
+"""The pieces of the W&B media callback that need no run: sample, colours, histogram, overlay."""
+
+import numpy as np
+
+from cfa_lightning.callbacks.wandb_media import (
+    WandbTestMedia,
+    colormap,
+    histogram_image,
+    sample_indices,
+)
+
+
+def test_the_sample_is_fixed_spread_and_bounded():
+    assert sample_indices(14, 3) == [0, 6, 13]
+    assert sample_indices(100, 8) == sample_indices(100, 8) and len(sample_indices(100, 8)) == 8
+    assert sample_indices(3, 8) == [0, 1, 2]
+    assert sample_indices(0, 8) == []
+
+
+def test_colormap_runs_from_blue_to_red():
+    rgb = colormap(np.array([[0.0, 1.0]]))
+    assert rgb.shape == (1, 2, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 2] > rgb[0, 0, 0] and rgb[0, 1, 0] > rgb[0, 1, 2]
+
+
+def test_histogram_image_draws_both_classes_and_the_threshold():
+    image = np.asarray(histogram_image(np.array([1.0, 1.1, 5.0, 6.0]), np.array([0, 0, 1, 1]), 3.0))
+    assert image.shape == (360, 640, 3)
+    blue = (image[..., 2] > 150) & (image[..., 0] < 180)
+    red = (image[..., 0] > 150) & (image[..., 2] < 180)
+    assert blue.any() and red.any()
+
+
+def _sample(h=8, w=8):
+    mask = np.zeros((h, w), dtype=bool)
+    mask[2:4, 2:4] = True
+    return {"index": 0, "path": "a/b.png", "defect": "scratch", "score": 2.0, "label": 1,
+            "image": np.zeros((h, w, 3), np.uint8), "map": np.arange(h * w, dtype=np.float32).reshape(h, w),
+            "mask": mask}  # fmt: skip
+
+
+def test_overlay_puts_image_and_map_side_by_side_with_toggleable_masks():
+    sample = _sample()
+    with_masks = WandbTestMedia(masks=True)._overlay(sample, [sample], {"test/pixel_threshold": 30})
+    assert with_masks.image.size == (16, 8)  # (W, H): image | map
+    assert set(with_masks._masks) == {"ground_truth", "prediction"}
+    without = WandbTestMedia(masks=False)._overlay(sample, [sample], {})
+    assert not without._masks
