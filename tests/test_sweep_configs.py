@@ -3,22 +3,13 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cfa_lightning.config import CONFIG_DIR, SWEEP_GROUP_ENV
 
 SWEEPS = sorted(p.stem for p in (Path(CONFIG_DIR) / "sweep").glob("*.yaml"))
-
-
-@pytest.fixture()
-def hydra_ctx():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def test_the_promised_sweeps_exist():

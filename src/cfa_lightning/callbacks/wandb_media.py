@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.loggers import WandbLogger
 
 from ..distributed import PaddingFilter, current_eval_loader, gather_objects
+from ..visualize import colormap
 
 CLASS_LABELS = {0: "normal", 1: "defect"}
 
@@ -25,15 +26,6 @@ def sample_indices(n: int, k: int) -> list[int]:
         return []
     m = min(k, n)
     return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """A blue-cyan-yellow-red ramp ("jet"-like) for values in [0, 1]: (H, W) -> (H, W, 3) uint8."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
 def histogram_image(

@@ -56,15 +56,23 @@ def nearest_centres(
         step = chunk_rows(centres.shape[0], budget_bytes)
         values = torch.empty(p.shape[0], k, dtype=torch.float32, device=p.device)
         indices = torch.empty(p.shape[0], k, dtype=torch.int64, device=p.device)
+        # One block buffer reused by every chunk: no fresh allocation (and page faults) per chunk.
+        block = torch.empty(min(step, p.shape[0]), centres.shape[0], device=p.device)
         for s in range(0, p.shape[0], step):
             values[s : s + step], indices[s : s + step] = _nearest_block(
-                p[s : s + step].float(), centres, centres_sq, k
+                p[s : s + step].float(),
+                centres,
+                centres_sq,
+                k,
+                out=block[: p[s : s + step].shape[0]],
             )
     return values, indices
 
 
-def _nearest_block(p: Tensor, centres: Tensor, centres_sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    partial = torch.addmm(centres_sq, p, centres.t(), alpha=-2.0)  # (n, M): d - ||p||^2
+def _nearest_block(
+    p: Tensor, centres: Tensor, centres_sq: Tensor, k: int, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    partial = torch.addmm(centres_sq, p, centres.t(), alpha=-2.0, out=out)  # (n, M): d - ||p||^2
     v, i = torch.topk(partial, k, dim=1, largest=False, sorted=True)
     return v + p.pow(2).sum(dim=1, keepdim=True), i
 
