@@ -57,7 +57,7 @@ class CFALitModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         amsgrad: bool = True,
-        chunk_mb: int = 64,
+        chunk_mb: int = 32,
         naive_loss: bool = False,
         threshold_quantile: float = 0.99,
         compile: bool = False,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # memory budget for one block of the (patches x centres) product
+DEFAULT_CHUNK_BYTES = 32 * 2**20  # memory budget for one block of the (patches x centres) product
 
 
 def float32_distances(x: Tensor) -> torch.autocast:
