@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -402,14 +404,8 @@ class MVTecDataset(Dataset):
 def _resolve_root(root: str | os.PathLike) -> Path:
     """Absolute root; relative paths are taken from the launch directory under Hydra."""
     root = os.path.expanduser(os.fspath(root))
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.utils import to_absolute_path
-
-        if HydraConfig.initialized():
-            return Path(to_absolute_path(root))
-    except ImportError:  # pragma: no cover - hydra is a dependency, but keep data usable alone
-        pass
+    if HydraConfig.initialized():
+        return Path(to_absolute_path(root))
     return Path(os.path.abspath(root))
 
 
