@@ -13,6 +13,7 @@ gamma_c, gamma_d, package version and git revision.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
@@ -37,7 +38,7 @@ class ExportableCFA(nn.Module):
 
     def __init__(self, model: CFA, image_size=None, crop_size=None) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = copy.deepcopy(model).eval()  # the caller's model keeps its chunking
         self.model.chunk_bytes = None  # one block: a loop-free graph (batch size stays dynamic)
         self.resize = as_size(image_size) if image_size is not None else model.input_size
         self.crop = as_size(crop_size) if crop_size is not None else None

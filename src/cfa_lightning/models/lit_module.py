@@ -139,15 +139,19 @@ class CFALitModule(pl.LightningModule):
         show = trainer is None or (
             trainer.is_global_zero and trainer.progress_bar_callback is not None
         )
-        for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
-            bank.update(self.model.describe(batch["image"].to(self.device)))
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        for i, batch in enumerate(
+            tqdm(loader, desc="Building memory bank", disable=not show, leave=False)
+        ):
+            if i % world == rank:  # each rank runs phi on its share of the batches only
+                bank.update(self.model.describe(batch["image"].to(self.device)))
         total_sum, total_count = bank._sum, bank._count
-        if trainer is not None and trainer.world_size > 1:
+        if world > 1:
             total_sum = trainer.strategy.reduce(total_sum.clone(), reduce_op="sum")
             total_count = trainer.strategy.reduce(total_count.clone(), reduce_op="sum")
         n_images = int(total_count)
         bank.finalize(total_sum, total_count)
-        if trainer is not None and trainer.world_size > 1:
+        if world > 1:
             # Identical inputs give identical banks, but k-means on a GPU is not bit-reproducible:
             # every rank takes rank 0's centres.
             bank.centres.copy_(trainer.strategy.broadcast(bank.centres, src=0))
