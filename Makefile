@@ -14,14 +14,14 @@ $(PYTHON):
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 
-install: $(PYTHON) ## Create the venv and install the package (editable) with its test extras
+install: $(PYTHON) ## Create the venv and install the package (editable) with its test and cluster extras
 	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -e '.[test,cluster]'
 
 test: ## Run the test suite (no network, under 10 minutes on 2 cores)
 	$(PYTHON) -m pytest
 
-test-slow: ## Run the slow tests only
+test-slow: ## Run the slow tests only (DDP, Ray and submitit sweeps, the wheel installed outside the checkout)
 	$(PYTHON) -m pytest -m slow
 
 lint: ## Check style with ruff

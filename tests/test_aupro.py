@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cfa_lightning.metrics import AUPRO, compute_aupro, compute_pro_curve
+from cfa_lightning.metrics import AnomalyMetrics, compute_aupro, compute_pro_curve
 
 
 def two_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,16 +134,18 @@ def test_bad_inputs_are_rejected() -> None:
         compute_aupro(maps, masks, fpr_limit=0.0)
 
 
-def test_metric_accumulates_batches() -> None:
+def test_anomaly_metrics_accumulate_aupro_over_batches() -> None:
     maps, masks = two_images()
-    metric = AUPRO()
-    metric.update(maps[:1], masks[:1])
-    metric.update(maps[1:].unsqueeze(1), masks[1:].unsqueeze(1))  # (B, 1, H, W) is accepted
-    assert metric.compute() == pytest.approx(compute_aupro(maps, masks))
+    labels = masks.flatten(1).any(dim=1).long()
+    metric = AnomalyMetrics(pixel=True)
+    metric.update(maps[:1].amax(dim=(1, 2)), labels[:1], maps[:1], masks[:1])
+    metric.update(maps[1:].amax(dim=(1, 2)), labels[1:], maps[1:].unsqueeze(1),
+                  masks[1:].unsqueeze(1))  # (B, 1, H, W) is accepted  # fmt: skip
+    assert metric.compute()["pixel_AUPRO"] == pytest.approx(compute_aupro(maps, masks))
     assert all(m.device.type == "cpu" for m in metric.maps)
     metric.reset()
-    metric.update(masks.float(), masks)
-    assert metric.compute() == pytest.approx(1.0)
+    metric.update(labels.float(), labels, masks.float(), masks)
+    assert metric.compute()["pixel_AUPRO"] == pytest.approx(1.0)
 
 
 def test_matches_a_per_threshold_brute_force() -> None:

@@ -36,6 +36,30 @@ def test_normalisation_uses_pretrained_cfg():
     assert torch.allclose(rn.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0"])
+def test_backbone_equals_the_raw_timm_model_on_normalised_input(name):
+    """Backbone(x) == timm model((x - mean) / std) with the model's own pretrained_cfg mean/std."""
+    import timm
+
+    torch.manual_seed(0)
+    backbone = Backbone(name, out_indices=(1, 2, 3), pretrained=False, channels_last=False)
+    raw = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    raw.load_state_dict(backbone.model.state_dict())
+    raw.eval()
+    cfg = raw.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    assert not torch.allclose(mean, torch.zeros(3).view(1, 3, 1, 1))  # a real normalisation
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = raw((x - mean) / std)
+        unnormalised = raw(x)
+    got = backbone(x)
+    for g, e, u in zip(got, expected, unnormalised, strict=True):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(g, u, atol=1e-3)  # the test can tell a missing normalisation
+
+
 def test_checkpoint_path_loads_local_weights(tmp_path):
     src = Backbone("resnet18", pretrained=False)
     path = tmp_path / "w.pth"

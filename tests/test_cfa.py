@@ -24,15 +24,40 @@ def test_non_square_input_shapes():
     assert torch.allclose(out.image_scores, out.maps.flatten(1).amax(1))
 
 
-@pytest.mark.parametrize("chunk_bytes", [256 * 2**20, 3000])  # one chunk, and many uneven ones
-def test_fast_loss_matches_naive_in_value_and_gradients(chunk_bytes):
-    model, images = _fitted(chunk_bytes=chunk_bytes)
+def _trained_like(chunk_bytes):
+    """Near-identical images: every patch lies close to its centre, as after training."""
+    torch.manual_seed(1)
+    base = torch.rand(1, 3, 64, 96)
+    images = (base + 0.02 * torch.randn(5, 3, 64, 96)).clamp(0, 1)
+    model = CFA(Backbone("resnet18", pretrained=False), input_size=(64, 96), chunk_bytes=chunk_bytes)
+    model.bank.update(model.describe(images))
+    model.bank.finalize()
+    return model, images
+
+
+# 37000 bytes: 7 patch rows per block of the search (1920 patches: a ragged last block of 2).
+@pytest.mark.parametrize("chunk_bytes", [256 * 2**20, 37000])
+@pytest.mark.parametrize("features", ["random", "trained_like"])
+def test_fast_loss_matches_naive_in_value_and_gradients(chunk_bytes, features):
+    if features == "random":
+        model, images = _fitted(chunk_bytes=chunk_bytes)
+        with torch.no_grad():
+            # Neighbouring centres of an untrained net can be exactly equidistant from a patch; a
+            # tie at the K + J boundary makes the gradient ambiguous: break ties with some noise.
+            model.bank.centres.add_(1e-2 * torch.randn_like(model.bank.centres))
+            model.bank.fit_projection()
+    else:
+        model, images = _trained_like(chunk_bytes)
     with torch.no_grad():
-        # Neighbouring centres of an untrained net can be exactly equidistant from a patch; a tie
-        # at the K + J boundary makes the gradient ambiguous, so break ties with a little noise.
-        model.bank.centres.add_(1e-2 * torch.randn_like(model.bank.centres))
-        model.loss_fn.radius.fill_(3.0)  # make both hinge terms active
+        # r^2 between the median d_(K) and d_(K+1): both hinge terms are active, and some attracted
+        # distances exceed r^2 while others do not, so all K + J columns are compared.
+        d = torch.cdist(model.flatten_patches(model.describe(images)), model.bank.centres) ** 2
+        d = d.topk(model.K + model.J, dim=1, largest=False).values
+        r2 = 0.5 * (d[:, model.K - 1].median() + d[:, model.K].median())
+        model.loss_fn.radius.fill_(float(r2.sqrt()))
         model.loss_fn.alpha = 0.0
+        assert (d[:, : model.K] > r2).any() and (d[:, : model.K] < r2).any()
+        assert (d[:, model.K :] < r2).any()
     grads = []
     for naive in (False, True):
         model.zero_grad()

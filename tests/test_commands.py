@@ -40,7 +40,7 @@ def test_demo_trains_and_tests_end_to_end(demo_run):
     _, out, proc = demo_run
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
-    assert result["selection"] == "last epoch" and result["epochs"] == 2 and result["seed"] == 0
+    assert result["selection"]["rule"] == "last" and result["epochs"] == 2 and result["seed"] == 0
     assert result["backbone"] == "tf_efficientnet_lite0" and result["input_size"] == [96, 96]
     # Drawn defects with real ImageNet features: measured 1.000 / 0.99 (seed 0); floors with margin.
     assert m["test/image_AUROC"] >= 0.9

@@ -1,10 +1,19 @@
-"""The padding a DistributedSampler adds is recognised and dropped, batch by batch."""
+"""DDP helpers: evaluation padding is recognised and dropped, batch by batch; the bank loader is
+sharded over the ranks without padding (2 gloo processes)."""
+
+import socket
+from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from cfa_lightning.distributed import PaddingFilter, rank_sample_indices
+from cfa_lightning.models.lit_module import CFALitModule
+
+BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
+N_IMAGES = 5  # 3 batches of 2: rank 0 reads images 0, 2, 4 and rank 1 images 1, 3
 
 
 def _loader(n: int, world: int, rank: int, batch_size: int) -> DataLoader:
@@ -32,3 +41,77 @@ def test_without_a_distributed_sampler_everything_is_real():
     loader = DataLoader(TensorDataset(torch.arange(7)), batch_size=3)
     assert rank_sample_indices(loader) == list(range(7))
     assert PaddingFilter().keep(4) is None
+
+
+class CountingImages(Dataset):
+    """Random images that remember which indices this process read."""
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.rand(n, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        self.read.append(i)
+        return {"image": self.images[i]}
+
+
+class ObjectBroadcastStrategy:
+    """What Lightning's DDP strategy does with `broadcast`: pickle the object to every rank."""
+
+    def __init__(self) -> None:
+        self.pickled = 0
+
+    def reduce(self, tensor, reduce_op="sum"):
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, obj, src=0):
+        self.pickled += 1
+        objects = [obj]
+        torch.distributed.broadcast_object_list(objects, src=src)
+        return objects[0]
+
+
+def _build_bank_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    from pytorch_lightning.plugins.precision import Precision
+
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)  # fmt: skip
+    try:
+        pl.seed_everything(0)
+        module = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)  # k-means on every rank
+        strategy = ObjectBroadcastStrategy()
+        module._trainer = SimpleNamespace(  # the parts of a DDP Trainer that build_bank may use
+            world_size=world, global_rank=rank, is_global_zero=rank == 0, strategy=strategy,
+            progress_bar_callback=None, precision_plugin=Precision(),
+        )  # fmt: skip
+        data = CountingImages(N_IMAGES)
+        module.build_bank(DataLoader(data, batch_size=2))
+        torch.save({"centres": module.model.bank.centres, "read": data.read,
+                    "pickled": strategy.pickled}, f"{out}/rank{rank}.pt")  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_build_bank_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    # each image is read by exactly one rank (no padding, no batch read and thrown away)
+    assert sorted(ranks[0]["read"] + ranks[1]["read"]) == list(range(N_IMAGES))
+    assert len(ranks[0]["read"]) == 3 and len(ranks[1]["read"]) == 2
+    # the centres travel as a tensor (torch.distributed.broadcast), not as a pickled object
+    assert ranks[0]["pickled"] == ranks[1]["pickled"] == 0
+    assert torch.equal(ranks[0]["centres"], ranks[1]["centres"])
+    # ... and they are the bank one process builds from all the images
+    pl.seed_everything(0)
+    single = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)
+    single.build_bank(DataLoader(CountingImages(N_IMAGES), batch_size=2))
+    assert torch.allclose(ranks[0]["centres"], single.model.bank.centres, atol=1e-5)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from cfa_lightning.inference import Predictor, to_pil
+from cfa_lightning.metrics import AnomalyMetrics
 
 
 def test_to_pil_accepts_arrays_tensors_and_modes():
@@ -38,7 +39,6 @@ def test_predictor_returns_maps_at_each_input_resolution(trained_checkpoint):
     for r in results:
         assert r.anomaly_map.dtype == np.float32
         assert 0.0 <= r.normalized_score <= 1.0
-        assert r.is_anomalous == (r.score > float(predictor.model.calibration.image_threshold))
         assert r.mask.shape == r.anomaly_map.shape and r.mask.dtype == bool
     single = predictor.predict(images[0])
     assert single.score == pytest.approx(results[0].score, rel=1e-5)
@@ -54,3 +54,22 @@ def test_crop_maps_back_to_the_crop_region(trained_checkpoint):
     assert torch.all(inside == 5) and fmap.shape == (160, 200)
     with pytest.raises(ValueError, match="trained at"):
         Predictor(model, image_size=128)
+
+
+def test_a_score_at_the_threshold_is_anomalous_as_the_metrics_count_it(trained_checkpoint):
+    """One rule everywhere: score >= threshold is anomalous, as in AnomalyMetrics' F1 threshold."""
+    predictor = Predictor.from_checkpoint(trained_checkpoint)
+    images = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    first = predictor.predict_batch(images)
+    scores = torch.tensor([r.score for r in first])
+    labels = (scores >= scores.median()).long()  # the two highest scores are "anomalous"
+    metric = AnomalyMetrics(pixel=False)
+    metric.update(scores, labels)
+    f1_threshold = metric.compute()["image_threshold"]  # the lowest score the metric counts
+    assert f1_threshold == pytest.approx(float(scores[labels == 1].min()))
+    cal = predictor.model.calibration
+    cal.image_threshold.fill_(f1_threshold)
+    cal.pixel_threshold.fill_(float(first[0].anomaly_map.max()))  # exactly one map's peak
+    again = predictor.predict_batch(images)
+    assert [r.is_anomalous for r in again] == [bool(v) for v in labels]
+    assert again[0].mask.any()  # the peak pixel itself is in the predicted mask

@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from cfa_lightning.checkpoint import CheckpointError
 from cfa_lightning.data import MVTecDataModule
 from cfa_lightning.models.lit_module import CFALitModule
 
@@ -110,7 +113,7 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, path)
     with pytest.raises(ValueError, match="not a cfa-lightning checkpoint"):
         CFALitModule.from_checkpoint(path)
-    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+    with pytest.raises(CheckpointError, match="ckpt_path"):
         CFALitModule.from_checkpoint(tmp_path / "missing.ckpt")
 
 
@@ -140,3 +143,42 @@ def test_compiled_descriptor_matches_eager():
     x = torch.rand(2, 3, 64, 64)
     eager = module.model.descriptor(module.model.backbone(x))
     assert torch.allclose(module.model.describe(x), eager, atol=1e-5)
+
+
+def test_fit_without_ckpt_path_rebuilds_the_bank_from_the_new_data(tmp_path, datamodule,
+                                                                   synthetic_root):  # fmt: skip
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    old_bank = module.model.bank.centres.clone()
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    restored = CFALitModule.from_checkpoint(ckpt)
+    new_data = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
+                               eval_batch_size=5, val_fraction=0.5, split_seed=1)  # fmt: skip
+    new_data.setup("fit")
+    expected = copy.deepcopy(restored)  # the bank the restored phi gives on the new images
+    expected.build_bank(new_data.bank_dataloader())
+    with pytest.warns(UserWarning, match="already has a memory bank: it is rebuilt"):
+        _trainer(tmp_path).fit(restored, datamodule=new_data)
+    assert torch.allclose(restored.model.bank.centres, expected.model.bank.centres, atol=1e-6)
+    assert not torch.allclose(restored.model.bank.centres, old_bank, atol=1e-3)
+
+
+def test_bank_is_built_under_the_training_precision(tmp_path, datamodule):
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    initial = copy.deepcopy(module.model)  # phi as it is when the bank is built
+    trainer = _trainer(tmp_path, precision="bf16-mixed", limit_train_batches=1,
+                       limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+
+    def bank_mean(autocast: bool) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            descs = [initial.describe(b["image"]).double() for b in datamodule.bank_dataloader()]
+        return torch.cat(descs).mean(dim=0).float().flatten(1).transpose(0, 1)  # (h*w, D')
+
+    bf16, fp32 = bank_mean(autocast=True), bank_mean(autocast=False)
+    assert not torch.allclose(bf16, fp32, atol=1e-4)  # the precisions really differ
+    assert torch.allclose(module.model.bank.centres, bf16, atol=1e-6)

@@ -1,14 +1,16 @@
 """`python -m cfa_lightning.predict` on a folder of mixed sizes and modes with one corrupt file."""
 
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 from PIL import Image
 
-from cfa_lightning.predict import output_stems, resolve_inputs
+from cfa_lightning.predict import output_stems, predict, resolve_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +65,17 @@ def test_predict_command_on_a_mixed_folder(trained_checkpoint, tmp_path):
         assert np.load(out / f"{stem}_map.npy").shape == shape
         assert Image.open(out / f"{stem}_mask.png").size == shape[::-1]
         assert Image.open(out / f"{stem}_overlay.png").size == (3 * shape[1], shape[0])
+
+
+def test_a_tiny_image_is_scored_with_a_warning_that_names_it(trained_checkpoint, tmp_path, caplog):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.fromarray(np.full((5, 5, 3), 128, dtype=np.uint8)).save(folder / "tiny.png")
+    Image.fromarray(np.full((64, 80, 3), 128, dtype=np.uint8)).save(folder / "fine.png")
+    cfg = OmegaConf.create({"ckpt_path": str(trained_checkpoint), "input": str(folder),
+                            "output_dir": str(out), "batch_size": 8, "device": "cpu",
+                            "save_npy": False, "overlays": False, "recursive": False})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="cfa_lightning.predict"):
+        assert predict(cfg) == (2, 0)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "tiny.png is only 5x5 px" in warned[0]

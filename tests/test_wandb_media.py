@@ -1,6 +1,7 @@
 """The pieces of the W&B media callback that need no run: sample, colours, histogram, overlay."""
 
 import numpy as np
+import torch
 
 from cfa_lightning.callbacks.wandb_media import (
     WandbTestMedia,
@@ -8,6 +9,8 @@ from cfa_lightning.callbacks.wandb_media import (
     histogram_image,
     sample_indices,
 )
+from cfa_lightning.models.calibration import Calibration
+from cfa_lightning.visualize import HeatScale
 
 
 def test_the_sample_is_fixed_spread_and_bounded():
@@ -41,8 +44,21 @@ def _sample(h=8, w=8):
 
 def test_overlay_puts_image_and_map_side_by_side_with_toggleable_masks():
     sample = _sample()
-    with_masks = WandbTestMedia(masks=True)._overlay(sample, [sample], {"test/pixel_threshold": 30})
+    scale = HeatScale.spanning([sample["map"]])
+    with_masks = WandbTestMedia(masks=True)._overlay(sample, scale, 30.0)
     assert with_masks.image.size == (16, 8)  # (W, H): image | map
     assert set(with_masks._masks) == {"ground_truth", "prediction"}
-    without = WandbTestMedia(masks=False)._overlay(sample, [sample], {})
+    without = WandbTestMedia(masks=False)._overlay(sample, scale, None)
     assert not without._masks
+
+
+def test_predicted_masks_use_the_models_calibrated_threshold():
+    """Not a threshold fitted on the test set: the one stored in the model, with the >= rule."""
+    sample = _sample()  # map values 0..63
+    cal = Calibration()
+    cal.fit(torch.tensor([30.0]), map_low=0.0)  # one validation image: both thresholds 30
+    media = WandbTestMedia(masks=True, table=False, histogram=False)._media([], [sample], cal)
+    (overlay,) = media["test/overlays"]
+    predicted = overlay._masks["prediction"]._val["mask_data"][:, :8]
+    assert np.array_equal(predicted, (sample["map"] >= 30).astype(np.uint8))
+    assert "colours 0 (blue) to 90 (red)" in overlay._caption  # threshold at a third

@@ -1,4 +1,9 @@
-"""Where the Hydra configs live, and the resolvers they use."""
+"""Where the Hydra configs live, and the resolvers they use.
+
+The configs ship inside the package (``cfa_lightning/conf``, also reached as ``conf/`` at the top
+of a source checkout), so the commands find them from any folder after a plain ``pip install``.
+Add a folder of your own with Hydra's ``--config-dir``; ``CFA_CONFIG_DIR`` replaces the whole tree.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONFIG_DIR = os.environ.get("CFA_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+from .sizes import model_input_size
+
+CONFIG_DIR = os.environ.get("CFA_CONFIG_DIR", str(Path(__file__).resolve().parent / "conf"))
 
 
 def input_size(image_size, crop_size=None) -> list[int]:
-    """The (H, W) the model sees: the crop if one is set, else the resize target."""
-    size = crop_size if crop_size is not None else image_size
-    if isinstance(size, int):
-        return [size, size]
-    return [int(v) for v in size]
-
-
-SWEEP_GROUP_ENV = "CFA_SWEEP_GROUP"  # set by experiments/gpu_sweep.py for the jobs it launches
+    """The (H, W) the model sees, as a list for the configs (see sizes.model_input_size)."""
+    return list(model_input_size(image_size, crop_size))
 
 
 def _hydra_job():
@@ -36,9 +37,7 @@ def is_multirun() -> bool:
 
 
 def sweep_group() -> str | None:
-    """The W&B group of a sweep's jobs: the launcher's name, or the multirun folder; else None."""
-    if os.environ.get(SWEEP_GROUP_ENV):
-        return os.environ[SWEEP_GROUP_ENV]
+    """The W&B group of a sweep's jobs: the multirun folder (any launcher); None outside a sweep."""
     hydra_cfg = _hydra_job()
     if hydra_cfg is None or not is_multirun():
         return None
@@ -53,6 +52,30 @@ def job_name(default: str) -> str:
     return Path(hydra_cfg.runtime.output_dir).name
 
 
+def tasks_per_node(devices) -> int:
+    """SLURM tasks per node for Lightning's SLURM environment: one DDP rank per device."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(
+            f"trainer.devices={devices!r}: a SLURM job needs a number of devices per node "
+            "(one task each); set e.g. trainer.devices=4"
+        )
+    return devices
+
+
+def gpus_per_node(accelerator: str, devices) -> int:
+    """GPUs to reserve on each node: none for a CPU trainer, else one per task."""
+    return 0 if accelerator == "cpu" else tasks_per_node(devices)
+
+
+def ray_gpus_per_job(address: str | None) -> int:
+    """One GPU per Ray job on a cluster or a machine with GPUs; none on a CPU-only machine."""
+    if address:  # the cluster's nodes, not this one, have the GPUs
+        return 1
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cfa_input_size"):
         OmegaConf.register_new_resolver("cfa_input_size", input_size)
@@ -60,6 +83,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("cfa_sweep_group", sweep_group)
     if not OmegaConf.has_resolver("cfa_job_name"):
         OmegaConf.register_new_resolver("cfa_job_name", job_name)
+    for name, resolver in (("cfa_tasks_per_node", tasks_per_node),
+                           ("cfa_gpus_per_node", gpus_per_node),
+                           ("cfa_ray_gpus_per_job", ray_gpus_per_job)):  # fmt: skip
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register_resolvers()

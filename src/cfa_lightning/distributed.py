@@ -1,8 +1,9 @@
-"""DDP helpers: which samples of an evaluation loader are real and which are sampler padding.
+"""DDP helpers: a rank's own share of a loader, and which evaluation samples are sampler padding.
 
 Under DDP, Lightning gives each evaluation loader a ``DistributedSampler`` that pads the dataset
 with repeated indices until it splits evenly over the ranks. The repeats sit at the end of each
 rank's list, so a rank keeps the first ``len(range(rank, n, world_size))`` samples it sees.
+The bank loader gets no padding at all: each rank reads ``range(rank, n, world_size)``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,42 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class ShardSampler(Sampler[int]):
+    """Dataset indices ``rank, rank + world, ...``: every sample read by exactly one rank, no
+    padding, so the ranks may get different counts."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = range(rank, n, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def shard_loader(loader: DataLoader, rank: int, world: int) -> DataLoader:
+    """The same loader (batch size, workers, collate) reading only this rank's share, in order."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=ShardSampler(len(loader.dataset), rank, world),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+    )
 
 
 def rank_sample_indices(loader: DataLoader) -> list[int] | None:

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from .checkpoint import exits_on_checkpoint_error
 from .config import CONFIG_DIR, input_size
 from .models.lit_module import CFALitModule
 from .utils import (
@@ -53,6 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@exits_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -26,8 +26,10 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from . import __version__
+from .checkpoint import exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR
-from .models.cfa import CFA, as_size
+from .models.cfa import CFA
+from .sizes import as_size
 
 log = logging.getLogger("cfa_lightning.export")
 FORMATS = ("onnx", "torchscript")
@@ -40,8 +42,10 @@ class ExportableCFA(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()  # the caller's model keeps its chunking
         self.model.chunk_bytes = None  # one block: a loop-free graph (batch size stays dynamic)
-        self.resize = as_size(image_size) if image_size is not None else model.input_size
-        self.crop = as_size(crop_size) if crop_size is not None else None
+        self.resize = (
+            as_size(image_size, "data.image_size") if image_size is not None else model.input_size
+        )
+        self.crop = as_size(crop_size, "data.crop_size") if crop_size is not None else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = F.interpolate(images, size=self.resize, mode="bilinear", align_corners=False)
@@ -94,10 +98,9 @@ def export(ckpt_path: str | Path, fmt: str, output_dir: str | Path) -> Path:
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
-    module = CFALitModule.from_checkpoint(ckpt_path)
-    data = torch.load(ckpt_path, map_location="cpu", weights_only=False).get(
-        "datamodule_hyper_parameters", {}
-    )
+    ckpt = load_checkpoint(ckpt_path)
+    module = CFALitModule.from_checkpoint_dict(ckpt, ckpt_path)
+    data = ckpt.get("datamodule_hyper_parameters", {})
     wrapper = ExportableCFA(module.model, data.get("image_size"), data.get("crop_size")).eval()
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +131,7 @@ def export(ckpt_path: str | Path, fmt: str, output_dir: str | Path) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@exits_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     export(cfg.ckpt_path, cfg.format, cfg.output_dir)
 

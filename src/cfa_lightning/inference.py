@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import load_checkpoint
 from .data.transforms import ImageMaskTransform, load_rgb, to_rgb
+from .metrics import is_anomalous
 from .models.cfa import CFA
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | Path
@@ -87,10 +89,9 @@ class Predictor:
         """Load a training checkpoint; resize and crop are read from the data config saved in it."""
         from .models.lit_module import CFALitModule
 
-        module = CFALitModule.from_checkpoint(path)
-        data = torch.load(path, map_location="cpu", weights_only=False).get(
-            "datamodule_hyper_parameters", {}
-        )
+        ckpt = load_checkpoint(path)
+        module = CFALitModule.from_checkpoint_dict(ckpt, path)
+        data = ckpt.get("datamodule_hyper_parameters", {})
         return cls(module.model, data.get("image_size"), data.get("crop_size"), device)
 
     @property
@@ -111,8 +112,8 @@ class Predictor:
             raw = self._to_original(fmap, pil.size[::-1])  # (H0, W0)
             if self.calibrated:
                 norm = float(cal.normalize(score, cal.image_threshold))
-                decision = bool(score > cal.image_threshold)
-                mask = (raw > float(cal.pixel_threshold)).numpy()
+                decision = bool(is_anomalous(score, cal.image_threshold))
+                mask = is_anomalous(raw, float(cal.pixel_threshold)).numpy()
             else:
                 norm, decision, mask = float("nan"), None, None
             results.append(

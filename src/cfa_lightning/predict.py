@@ -18,11 +18,12 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from .checkpoint import exits_on_checkpoint_error
 from .config import CONFIG_DIR
-from .data.mvtec import IMAGE_EXTENSIONS
+from .data.mvtec import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
 from .data.transforms import load_rgb
 from .inference import Predictor
-from .visualize import overlay_panel
+from .visualize import HeatScale, overlay_panel
 
 log = logging.getLogger("cfa_lightning.predict")
 
@@ -76,11 +77,16 @@ def predict(cfg: DictConfig) -> tuple[int, int]:
         images, chunk = [], []
         for path in paths[start : start + cfg.batch_size]:
             try:
-                images.append(load_rgb(path))
-                chunk.append(path)
+                image = load_rgb(path)
             except (ValueError, FileNotFoundError, OSError) as err:
                 log.error("skipped %s: %s", path, err)
                 skipped.append(path)
+                continue
+            if min(image.size) < MIN_IMAGE_SIDE:
+                log.warning("%s is only %dx%d px; training refuses sides under %d px, so its "
+                            "score and map mean little", path, *image.size, MIN_IMAGE_SIDE)  # fmt: skip
+            images.append(image)
+            chunk.append(path)
         if not images:
             continue
         for path, image, result in zip(chunk, images, predictor.predict_batch(images), strict=True):
@@ -89,14 +95,10 @@ def predict(cfg: DictConfig) -> tuple[int, int]:
                 Image.fromarray(result.mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
             if cfg.save_npy:
                 np.save(out / f"{stem}_map.npy", result.anomaly_map)
-            if cfg.overlays:
-                cal = predictor.model.calibration
-                low = float(cal.low) if predictor.calibrated else float(result.anomaly_map.min())
-                high = (
-                    2 * float(cal.pixel_threshold) - low if predictor.calibrated else result.score
-                )
-                heat = (result.anomaly_map - low) / max(high - low, 1e-12)  # threshold at 0.5
-                panel = overlay_panel(np.asarray(image), heat, result.mask)
+            if cfg.overlays:  # the model's fixed colour scale; uncalibrated: this map's range
+                scale = HeatScale.from_calibration(predictor.model.calibration)
+                scale = scale or HeatScale.spanning([result.anomaly_map])
+                panel = overlay_panel(np.asarray(image), scale(result.anomaly_map), result.mask)
                 Image.fromarray(panel).save(out / f"{stem}_overlay.png")
             rows.append([str(path), f"{result.score:.6g}", f"{result.normalized_score:.4f}",
                          {True: "anomalous", False: "normal", None: ""}[result.is_anomalous]])  # fmt: skip
@@ -111,6 +113,7 @@ def predict(cfg: DictConfig) -> tuple[int, int]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@exits_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

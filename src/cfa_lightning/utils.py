@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 log = logging.getLogger("cfa_lightning")
 
@@ -88,7 +89,20 @@ def closing_loggers(loggers: list[Any]) -> Iterator[None]:
                     experiment_finish(exit_code=exit_code)
                 except Exception as err:  # a logger failing to close must not hide the job's error
                     log.warning("could not close logger %s: %s", type(logger).__name__, err)
+        if any(isinstance(logger, WandbLogger) and logger._experiment for logger in loggers):
+            import wandb
+
+            # Stop W&B's service with the job: a Ray worker leaves right after its job, and W&B's
+            # own teardown at interpreter exit would then find the service gone (a traceback).
+            wandb.teardown()
 
 
 def plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    """OmegaConf containers, also inside dicts, lists and tuples -> plain Python containers."""
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {key: plain(value) for key, value in cfg.items()}
+    if type(cfg) in (list, tuple):
+        return type(cfg)(plain(value) for value in cfg)
+    return cfg

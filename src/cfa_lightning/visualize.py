@@ -1,9 +1,14 @@
-"""Pictures of anomaly maps: a colour ramp, heat-map blends and predicted-defect contours."""
+"""Pictures of anomaly maps: a colour ramp, one fixed colour scale per model, heat-map blends,
+predicted-defect contours and a colour bar that marks the threshold."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
+
+THRESHOLD_AT = 1 / 3  # where the calibrated pixel threshold sits on the colour scale
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -13,6 +18,53 @@ def colormap(values: np.ndarray) -> np.ndarray:
     g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
     b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
     return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+class HeatScale(NamedTuple):
+    """One colour scale for all maps of a model: clipped to [low, high], never renormalised per
+    image, so images stay comparable.
+
+    From a calibration: `low` (blue) is the lowest map value of the normal validation images and
+    the pixel threshold sits at a third of the scale (marked on the colour bar), so the normal
+    range takes the cool colours and the two thirds above the threshold show how far a defect
+    rises beyond it; higher values are clipped to red.
+    """
+
+    low: float
+    high: float
+    threshold: float | None = None
+
+    @classmethod
+    def from_calibration(cls, calibration) -> HeatScale | None:
+        """The scale of a calibrated model (`models.calibration.Calibration`); None if uncalibrated."""
+        if not bool(calibration.fitted):
+            return None
+        low, threshold = float(calibration.low), float(calibration.pixel_threshold)
+        return cls(low, low + max(threshold - low, 1e-12) / THRESHOLD_AT, threshold)
+
+    @classmethod
+    def spanning(cls, maps: list[np.ndarray]) -> HeatScale:
+        """Without a calibration: min to max over a whole set of maps (one scale for the set)."""
+        low = min(float(m.min()) for m in maps)
+        return cls(low, max(max(float(m.max()) for m in maps), low + 1e-12))
+
+    def __call__(self, fmap: np.ndarray) -> np.ndarray:
+        """Map values -> [0, 1], clipped."""
+        return np.clip((fmap - self.low) / (self.high - self.low), 0.0, 1.0)
+
+    def colour_bar(self, width: int, height: int = 28) -> np.ndarray:
+        """(height, width, 3) uint8: the ramp, its end values, and the threshold as a black tick."""
+        ramp = np.broadcast_to(np.linspace(self.low, self.high, width), (height // 2, width))
+        bar = Image.new("RGB", (width, height), (255, 255, 255))
+        bar.paste(Image.fromarray(colormap(self(ramp))), (0, 0))
+        draw = ImageDraw.Draw(bar)
+        draw.text((2, height // 2), f"{self.low:.3g}", fill="black")
+        draw.text((width - 40, height // 2), f">={self.high:.3g}", fill="black")
+        if self.threshold is not None:
+            x = round(float(self(np.array(self.threshold))) * (width - 1))
+            draw.line([x, 0, x, height // 2], fill="black", width=2)
+            draw.text((x + 3, height // 2), f"threshold {self.threshold:.3g}", fill="black")
+        return np.asarray(bar)
 
 
 def contour(mask: np.ndarray, width: int = 2) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""Callbacks: test overlays and W&B test media (Lightning), the end-of-sweep report (Hydra)."""
+"""Callbacks: test overlays, W&B test media (Lightning); launcher check, sweep report (Hydra)."""
 
+from .launcher_check import LauncherCheck
 from .overlays import TestOverlays
 from .sweep_report import SweepReport, sweep_status
 from .wandb_media import WandbTestMedia
 
-__all__ = ["SweepReport", "TestOverlays", "WandbTestMedia", "sweep_status"]
+__all__ = ["LauncherCheck", "SweepReport", "TestOverlays", "WandbTestMedia", "sweep_status"]

@@ -10,7 +10,8 @@ import numpy as np
 import pytorch_lightning as pl
 from PIL import Image
 
-from ..visualize import overlay_panel
+from ..metrics import is_anomalous
+from ..visualize import HeatScale, overlay_panel
 
 
 class TestOverlays(pl.Callback):
@@ -18,13 +19,15 @@ class TestOverlays(pl.Callback):
     and every defect), one row each: image | heat map | predicted (red) and true (green) defect.
 
     The sample is the first images of each type in the (unshuffled) test order: fixed and bounded.
-    The heat map puts the calibrated pixel threshold at mid-scale; predicted defect = map above it.
+    All heat maps share the model's colour scale (`visualize.HeatScale`, shown as a colour bar
+    under each grid with the calibrated pixel threshold marked); predicted defect = map >= that
+    threshold. An uncalibrated model gets one min-max scale over all the saved maps, no contour.
     """
 
     def __init__(self, dirpath: str, per_type: int = 4) -> None:
         self.dirpath = Path(dirpath)
         self.per_type = per_type
-        self._rows: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._rows: dict[str, list[tuple[np.ndarray, ...]]] = defaultdict(list)
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rows = defaultdict(list)
@@ -35,26 +38,30 @@ class TestOverlays(pl.Callback):
     ) -> None:  # fmt: skip
         if outputs is None or not trainer.is_global_zero:
             return
-        cal = pl_module.model.calibration
         for j, defect in enumerate(batch.get("defect_type", ["test"] * len(batch["image"]))):
             if len(self._rows[defect]) >= self.per_type:
                 continue
-            fmap = outputs.maps[j].detach().float().cpu().numpy()
-            if bool(cal.fitted):
-                low, thr = float(cal.low), float(cal.pixel_threshold)
-                heat, mask = (fmap - low) / max(2 * (thr - low), 1e-12), fmap > thr
-            else:
-                heat, mask = (fmap - fmap.min()) / max(float(np.ptp(fmap)), 1e-12), None
-            image = (
-                batch["image"][j].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255
-            )
-            truth = batch["mask"][j, 0].detach().cpu().numpy() > 0
-            self._rows[defect].append(overlay_panel(image.astype(np.uint8), heat, mask, truth))
+            image = batch["image"][j].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            self._rows[defect].append((
+                (image * 255).astype(np.uint8),  # (H, W, 3)
+                outputs.maps[j].detach().float().cpu().numpy(),  # (H, W)
+                batch["mask"][j, 0].detach().cpu().numpy() > 0,  # (H, W)
+            ))  # fmt: skip
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._rows or not trainer.is_global_zero:
             return
+        cal = pl_module.model.calibration
+        scale = HeatScale.from_calibration(cal) or HeatScale.spanning(
+            [fmap for rows in self._rows.values() for _, fmap, _ in rows]
+        )
+        threshold = float(cal.pixel_threshold) if bool(cal.fitted) else None
         self.dirpath.mkdir(parents=True, exist_ok=True)
         for defect, rows in self._rows.items():
-            grid = np.concatenate(rows, axis=0)  # (n * H, 3W, 3)
+            panels = []
+            for image, fmap, truth in rows:
+                mask = is_anomalous(fmap, threshold) if threshold is not None else None
+                panels.append(overlay_panel(image, scale(fmap), mask, truth))
+            grid = np.concatenate(panels, axis=0)  # (n * H, 3W, 3)
+            grid = np.concatenate([grid, scale.colour_bar(grid.shape[1])], axis=0)
             Image.fromarray(grid).save(self.dirpath / f"{defect}.png")

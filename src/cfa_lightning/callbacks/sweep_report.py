@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 from pathlib import Path
@@ -34,19 +35,44 @@ def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
             "jobs": jobs}  # fmt: skip
 
 
+def write_sweep_status(sweep_dir: Path) -> None:
+    """``sweep_status.json`` in the sweep folder, and a log line per failed job."""
+    if not sweep_dir.is_dir():
+        return
+    status = sweep_status(sweep_dir)
+    (sweep_dir / "sweep_status.json").write_text(json.dumps(status, indent=2) + "\n")
+    if status["n_failed"]:
+        lines = [f"  {name}: {status['errors'].get(name, status['jobs'][name])}"
+                 for name in status["failed"]]  # fmt: skip
+        log.error("%d of %d sweep jobs failed:\n%s", status["n_failed"], status["n_jobs"],
+                  "\n".join(lines))  # fmt: skip
+    elif status["n_jobs"]:
+        log.info("all %d sweep jobs finished; results in %s", status["n_jobs"], sweep_dir)
+
+
 class SweepReport(Callback):
-    """Writes ``sweep_status.json`` into the sweep folder and logs the failed jobs, if any."""
+    """Writes ``sweep_status.json`` into the sweep folder and logs the failed jobs, if any.
+
+    Jobs that fail in Python return NaN (``train.py``), so every launcher reaches the end of the
+    multirun. A job that dies (killed worker, node lost, SLURM time limit) makes the Ray and
+    submitit launchers raise instead; the report is then written when the launching process
+    exits, with that job's folder as "missing" (no ``metrics.json``).
+    """
+
+    def __init__(self) -> None:
+        self._pending: Path | None = None  # the sweep folder, until its report is written
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._pending = Path(config.hydra.sweep.dir)
+        atexit.register(self._report_if_pending)
+
+    def _report_if_pending(self) -> None:
+        if self._pending is not None:
+            log.error("the sweep stopped before its end (see the error above); its job folders "
+                      "so far are in %s", self._pending / "sweep_status.json")  # fmt: skip
+            write_sweep_status(self._pending)
+            self._pending = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
-        status = sweep_status(sweep_dir)
-        (sweep_dir / "sweep_status.json").write_text(json.dumps(status, indent=2) + "\n")
-        if status["n_failed"]:
-            lines = [f"  {name}: {status['errors'].get(name, status['jobs'][name])}"
-                     for name in status["failed"]]  # fmt: skip
-            log.error("%d of %d sweep jobs failed:\n%s", status["n_failed"], status["n_jobs"],
-                      "\n".join(lines))  # fmt: skip
-        else:
-            log.info("all %d sweep jobs finished; results in %s", status["n_jobs"], sweep_dir)
+        self._pending = None
+        write_sweep_status(Path(config.hydra.sweep.dir))

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.loggers import WandbLogger
 
 from ..distributed import PaddingFilter, current_eval_loader, gather_objects
-from ..visualize import colormap
+from ..metrics import is_anomalous
+from ..visualize import HeatScale, colormap
 
 CLASS_LABELS = {0: "normal", 1: "defect"}
 
@@ -74,9 +75,10 @@ class WandbTestMedia(pl.Callback):
     """Logs, after the test epoch, to the W&B run of a ``WandbLogger``:
 
     - ``test/overlays``: ``num_images`` test images (a fixed, evenly spaced sample of the test
-      set), each the image beside its anomaly map over the image; ground truth and the
-      predicted mask (map >= the pixel F1 threshold) are W&B masks, toggled in the UI, or left
-      out with ``masks=False``;
+      set), each the image beside its anomaly map over the image, in the model's fixed colour
+      scale (``visualize.HeatScale``); ground truth and the predicted mask (map >= the calibrated
+      pixel threshold stored in the model, not a threshold fitted on the test set) are W&B masks,
+      toggled in the UI, or left out with ``masks=False``;
     - ``test/per_image``: a table of every test image (path, defect type, label, score);
     - ``test/score_histogram``: normal vs anomalous image scores with the image threshold.
     """
@@ -157,13 +159,14 @@ class WandbTestMedia(pl.Callback):
             return
         rows = sorted({r[0]: r for r in rows}.values())  # one row per dataset index
         samples = sorted({s["index"]: s for s in samples}.values(), key=lambda s: s["index"])
-        results = getattr(pl_module, "test_results", {})
-        media = self._media(rows, samples, results)
+        media = self._media(rows, samples, pl_module.model.calibration)
         if media:
             logger.experiment.log(media)
 
-    def _media(self, rows: list[tuple], samples: list[dict], results: dict) -> dict[str, Any]:
+    def _media(self, rows: list[tuple], samples: list[dict], calibration) -> dict[str, Any]:
         import wandb
+
+        fitted = bool(calibration.fitted)
 
         media: dict[str, Any] = {}
         if self.table and rows:
@@ -175,29 +178,34 @@ class WandbTestMedia(pl.Callback):
             scores = np.array([r[4] for r in rows])
             labels = np.array([r[3] for r in rows])
             media["test/score_histogram"] = wandb.Image(
-                histogram_image(scores, labels, results.get("test/image_threshold")),
-                caption="image scores, normal vs anomalous, with the best-F1 threshold",
+                histogram_image(
+                    scores, labels, float(calibration.image_threshold) if fitted else None
+                ),
+                caption="image scores, normal vs anomalous, with the calibrated threshold",
             )
         if samples:
-            media["test/overlays"] = [self._overlay(s, samples, results) for s in samples]
+            scale = HeatScale.from_calibration(calibration) or HeatScale.spanning(
+                [s["map"] for s in samples]  # uncalibrated: one scale for the whole sample
+            )
+            threshold = float(calibration.pixel_threshold) if fitted else None
+            media["test/overlays"] = [self._overlay(s, scale, threshold) for s in samples]
         return media
 
-    def _overlay(self, sample: dict, samples: list[dict], results: dict):
+    def _overlay(self, sample: dict, scale: HeatScale, pixel_threshold: float | None):
         import wandb
 
-        lo = min(float(s["map"].min()) for s in samples)  # one colour scale for the whole sample
-        hi = max(float(s["map"].max()) for s in samples)
-        heat = colormap((sample["map"] - lo) / max(hi - lo, 1e-12))
+        heat = colormap(scale(sample["map"]))
         blended = (0.5 * sample["image"] + 0.5 * heat).astype(np.uint8)
         panel = np.concatenate([sample["image"], blended], axis=1)  # (H, 2W, 3): image | map
         caption = (f"{Path(sample['path']).name} ({sample['defect']}), score {sample['score']:.4g}, "
-                   f"label {sample['label']}")  # fmt: skip
+                   f"label {sample['label']}; colours {scale.low:.3g} (blue) to {scale.high:.3g} "
+                   "(red), clipped")  # fmt: skip
         masks = None
         if self.masks:
             gt = np.tile(sample["mask"], (1, 2)).astype(np.uint8)
             masks = {"ground_truth": {"mask_data": gt, "class_labels": CLASS_LABELS}}
-            threshold = results.get("test/pixel_threshold")
-            if threshold is not None:
-                predicted = np.tile(sample["map"] >= threshold, (1, 2)).astype(np.uint8)
+            if pixel_threshold is not None:
+                predicted = is_anomalous(sample["map"], pixel_threshold)
+                predicted = np.tile(predicted, (1, 2)).astype(np.uint8)
                 masks["prediction"] = {"mask_data": predicted, "class_labels": CLASS_LABELS}
         return wandb.Image(panel, caption=caption, masks=masks)

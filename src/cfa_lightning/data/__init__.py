@@ -1,7 +1,9 @@
-"""Data: MVTec-layout and own folders, download, image/mask transforms, synthetic data."""
+"""Data: MVTec-layout and own folders, download, transforms, synthetic data and defects."""
 
 from typing import TYPE_CHECKING
 
+from .base import AnomalyDataModule
+from .defects import DEFECT_FAMILIES, draw_defect
 from .folder import FolderDataModule
 from .mvtec import (
     IMAGE_EXTENSIONS,
@@ -17,14 +19,17 @@ if TYPE_CHECKING:
     from .synthetic import SyntheticDataModule, generate_synthetic_dataset
 
 __all__ = [
+    "DEFECT_FAMILIES",
     "IMAGE_EXTENSIONS",
     "MVTEC_CATEGORIES",
+    "AnomalyDataModule",
     "FolderDataModule",
     "ImageMaskTransform",
     "MVTecDataModule",
     "MVTecDataset",
     "Sample",
     "SyntheticDataModule",
+    "draw_defect",
     "generate_synthetic_dataset",
     "load_mask",
     "load_rgb",

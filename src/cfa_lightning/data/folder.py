@@ -23,7 +23,8 @@ from pathlib import Path
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 
-from .mvtec import GOOD, MVTecDataModule, Sample, _subfolders, split_train_val
+from .base import AnomalyDataModule, split_train_val
+from .layout import GOOD, Sample, _subfolders
 
 __all__ = ["FolderDataModule", "pil_extensions", "scan_folder"]
 
@@ -165,7 +166,7 @@ def scan_folder(
     return {"normal": normal, "abnormal": abnormal, "normal_test": normal_test, "val": val}
 
 
-class FolderDataModule(MVTecDataModule):
+class FolderDataModule(AnomalyDataModule):
     """Train on a folder of normal images; test on held-out normal and optional abnormal ones."""
 
     def __init__(

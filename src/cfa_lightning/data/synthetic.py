@@ -1,8 +1,9 @@
 """A small synthetic data set in the MVTec AD layout, for tests and smoke runs.
 
 Normal images are one texture (a stripe grid at a fixed orientation with a random
-phase, mild noise). Two defect types are painted on that texture, each with a
-0/255 mask ``<stem>_mask.png`` of the image's size:
+phase, mild noise). Two defect families of ``defects.py`` (the one place where defects
+are drawn, shared with the synthetic-anomaly validation split) are painted on that
+texture, each with a 0/255 mask ``<stem>_mask.png`` of the image's size:
 
 - ``scratch``: one or two thin bright or dark polylines;
 - ``spot``: a filled, rotated ellipse of a foreign (blue or red) colour.
@@ -20,12 +21,13 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from .defects import draw_defect
 from .mvtec import MVTecDataModule
 
 __all__ = ["DEFECT_TYPES", "SyntheticDataModule", "generate_synthetic_dataset", "main"]
@@ -35,7 +37,6 @@ MARKER = ".synthetic_complete.json"
 _STREAM = {"train": 0, "good": 1, "scratch": 2, "spot": 3}  # separate RNG stream per folder
 
 _BASE_COLOUR = np.array([0.62, 0.56, 0.46])  # beige; every normal image shares it
-_FOREIGN_COLOURS = (np.array([0.15, 0.30, 0.80]), np.array([0.80, 0.15, 0.10]))
 
 
 def _texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
@@ -55,56 +56,6 @@ def _texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     image = luminance[..., None] * _BASE_COLOUR  # (H, W, 3)
     image = image + rng.normal(0.0, 0.02, size=image.shape)
     return np.clip(image, 0.0, 1.0)
-
-
-def _scratch(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Paint 1-2 thin bright/dark polylines; return the boolean mask (H, W)."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    width = max(2, round(side / 40))
-    canvas = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(1, 3))):
-        length = rng.uniform(0.30, 0.50) * side
-        angle = rng.uniform(0.0, 2.0 * math.pi)
-        margin = length / 2 + width
-        cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-        points, step = [], length / 3
-        x, y = cx - math.cos(angle) * length / 2, cy - math.sin(angle) * length / 2
-        points.append((x, y))
-        for _ in range(3):  # three segments, slightly bent
-            angle += rng.uniform(-0.35, 0.35)
-            x, y = x + math.cos(angle) * step, y + math.sin(angle) * step
-            points.append((x, y))
-        draw.line(points, fill=255, width=width, joint="curve")
-    mask = np.asarray(canvas) > 0  # (H, W)
-    value = 0.97 if rng.random() < 0.5 else 0.06
-    image[mask] = value + rng.normal(0.0, 0.015, size=(int(mask.sum()), 3))
-    return mask
-
-
-def _spot(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Paint a filled, rotated ellipse of a foreign colour; return the boolean mask (H, W)."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    a, b = rng.uniform(0.06, 0.10, size=2) * side  # semi-axes in pixels
-    margin = max(a, b) + 2
-    cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-    rot = rng.uniform(0.0, math.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    dx, dy = xx - cx, yy - cy
-    u = dx * math.cos(rot) + dy * math.sin(rot)
-    v = -dx * math.sin(rot) + dy * math.cos(rot)
-    mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0  # (H, W)
-    colour = _FOREIGN_COLOURS[int(rng.integers(len(_FOREIGN_COLOURS)))]
-    image[mask] = colour + rng.normal(0.0, 0.02, size=(int(mask.sum()), 3))
-    return mask
-
-
-_PAINTERS: dict[str, Callable[[np.random.Generator, np.ndarray], np.ndarray]] = {
-    "scratch": _scratch,
-    "spot": _spot,
-}
 
 
 def _save_rgb(array: np.ndarray, path: Path) -> None:
@@ -152,8 +103,7 @@ def _write(target: Path, params: dict) -> None:
     for defect in DEFECT_TYPES:
         for i in range(params["n_test_defect"]):
             rng = rng_for(defect, i)
-            image = _texture(rng, size)  # (H, W, 3)
-            mask = _PAINTERS[defect](rng, image)  # (H, W) bool, paints image in place
+            image, mask = draw_defect(defect, rng, _texture(rng, size))  # (H, W, 3), (H, W)
             _save_rgb(image, target / "test" / defect / f"{i:03d}.png")
             mask_u8 = mask.astype(np.uint8) * 255
             Image.fromarray(mask_u8).save(target / "ground_truth" / defect / f"{i:03d}_mask.png")

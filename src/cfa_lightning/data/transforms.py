@@ -18,29 +18,14 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..sizes import as_size
+
 __all__ = ["ImageMaskTransform", "load_mask", "load_rgb", "to_mask_l", "to_rgb"]
 
 MASK_THRESHOLD = 127  # mask pixel is "defect" when its 8-bit value is > 127
 
 # Modes whose samples are 16-bit unsigned integers (0..65535).
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _pair(size: int | Sequence[int], option: str) -> tuple[int, int]:
-    """``int`` -> square (s, s); a pair -> (H, W). ``option`` names the setting in errors."""
-    if isinstance(size, bool):
-        raise TypeError(f"{option} must be an int or an (H, W) pair, got {size!r}")
-    if isinstance(size, int):
-        pair = (size, size)
-    elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
-        pair = (int(size[0]), int(size[1]))
-    else:
-        raise TypeError(
-            f"{option} must be an int (square) or an (H, W) pair such as [256, 320], got {size!r}"
-        )
-    if min(pair) <= 0:
-        raise ValueError(f"{option} must be positive, got {size!r}")
-    return pair
 
 
 class ImageMaskTransform:
@@ -55,8 +40,8 @@ class ImageMaskTransform:
         image_size: int | Sequence[int] = 256,
         crop_size: int | Sequence[int] | None = None,
     ) -> None:
-        self.image_size = _pair(image_size, "data.image_size")
-        self.crop_size = None if crop_size is None else _pair(crop_size, "data.crop_size")
+        self.image_size = as_size(image_size, "data.image_size")
+        self.crop_size = None if crop_size is None else as_size(crop_size, "data.crop_size")
         if self.crop_size is not None and (
             self.crop_size[0] > self.image_size[0] or self.crop_size[1] > self.image_size[1]
         ):

@@ -42,6 +42,12 @@ def _to_unit_interval(scores: Tensor) -> Tensor:
     return (scores.double() - low) / max(high - low, 1e-300)
 
 
+def is_anomalous(scores: Tensor, threshold: float | Tensor) -> Tensor:
+    """The one decision rule, for image scores and map pixels alike (tensors or numpy arrays):
+    anomalous when the score is >= the threshold, the rule of the F1 thresholds below."""
+    return scores >= threshold
+
+
 def _best_f1(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     """Best F1 over all thresholds of the exact PR curve and its threshold, in score units."""
     unit_scores = _to_unit_interval(scores)

@@ -22,10 +22,8 @@ import warnings
 
 import numpy as np
 import torch
-import torchmetrics
 from scipy import ndimage
 from torch import Tensor
-from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 # 8-connectivity inside one image and none across images: labelling the whole
@@ -182,33 +180,3 @@ def gather_cpu_tensors(tensor: Tensor, group: object | None = None) -> list[Tens
         device = torch.device("cuda", torch.cuda.current_device())
         return [part.cpu() for part in gather_all_tensors(tensor.to(device), group)]
     return gather_all_tensors(tensor, group)
-
-
-class AUPRO(torchmetrics.Metric):
-    """Accumulating AUPRO (see :func:`compute_aupro`); states live on the CPU.
-
-    All maps must share one (H, W). Call ``update``, not ``forward``: the
-    per-batch value that ``forward`` computes is rarely meaningful and costs a sort.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, fpr_limit: float = 0.3, **kwargs: object) -> None:
-        kwargs.setdefault("dist_sync_fn", gather_cpu_tensors)
-        super().__init__(**kwargs)
-        if not 0.0 < fpr_limit <= 1.0:
-            raise ValueError(f"fpr_limit must lie in (0, 1]; got {fpr_limit}")
-        self.fpr_limit = fpr_limit
-        self.add_state("maps", default=[], dist_reduce_fx="cat")
-        self.add_state("masks", default=[], dist_reduce_fx="cat")
-
-    def update(self, maps: Tensor, masks: Tensor) -> None:
-        """Store a batch: maps (B, H, W) float, masks (B, H, W) bool or 0/1."""
-        maps, masks = as_image_stack(maps, masks)
-        self.maps.append(maps)
-        self.masks.append(masks)
-
-    def compute(self) -> float:
-        return compute_aupro(dim_zero_cat(self.maps), dim_zero_cat(self.masks), self.fpr_limit)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..sizes import as_size
 from .backbone import Backbone
 from .calibration import Calibration
 from .descriptor import PatchDescriptor
@@ -17,24 +18,16 @@ from .scoring import (
     DEFAULT_CHUNK_BYTES,
     GaussianBlur,
     anomaly_map,
-    nearest_centres,
     patch_scores,
     selected_squared_distances,
     squared_distances,
 )
+from .search import SearchStats, nearest
 
 
 class CFAOutput(NamedTuple):
     image_scores: Tensor  # (B,) max of the blurred map
     maps: Tensor  # (B, H, W) blurred anomaly map at the input resolution
-
-
-def as_size(size: int | Sequence[int]) -> tuple[int, int]:
-    """256 -> (256, 256); (H, W) stays."""
-    if isinstance(size, int):
-        return (size, size)
-    h, w = (int(v) for v in size)
-    return (h, w)
 
 
 class CFA(nn.Module):
@@ -58,16 +51,26 @@ class CFA(nn.Module):
         learn_radius: bool = True,
         blur_sigma: float = 4.0,
         kmeans_seed: int = 0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        search_dims: int | None = None,
+        prune: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.input_size = as_size(input_size)
+        self.input_size = as_size(input_size, "model.input_size")
         self.K, self.J = K, J
         self.blur_sigma = blur_sigma
         self.blur = GaussianBlur(blur_sigma)
         self.chunk_bytes = chunk_bytes
         self.descriptor = PatchDescriptor(backbone.channels, gamma_d)
+        dim = self.descriptor.out_dim  # D'
+        if search_dims is not None and not 1 <= search_dims <= dim:
+            raise ValueError(
+                f"model.search_dims={search_dims} is outside the valid range 1..{dim} (D'); "
+                "null chooses it when the bank is built"
+            )
+        self.search_dims, self.prune = search_dims, prune
+        self.last_search: SearchStats | None = None  # what the last nearest-centre search did
         with torch.no_grad():  # (h, w) of the first tap at this input size
             h, w = backbone(torch.zeros(1, 3, *self.input_size))[0].shape[-2:]
         self.bank = MemoryBank(self.descriptor.out_dim, h, w, gamma_c=gamma_c, seed=kmeans_seed)
@@ -114,7 +117,7 @@ class CFA(nn.Module):
             d_all = squared_distances(p, centres)  # (N, M), with autograd
             sorted_sq = torch.topk(d_all, k, dim=1, largest=False, sorted=True).values
         else:
-            _, idx = nearest_centres(p.detach(), centres, k, self.chunk_bytes)
+            _, idx = self.nearest(p.detach(), k)
             sorted_sq = selected_squared_distances(p, centres, idx, self.chunk_bytes)  # (N, K + J)
         loss = self.loss_fn(sorted_sq)
         if not with_output:
@@ -132,5 +135,14 @@ class CFA(nn.Module):
         self._require_bank()
         desc = self.describe(images)  # (B, D', h, w)
         p = self.flatten_patches(desc)
-        nearest_sq, _ = nearest_centres(p, self.bank.centres, self.K, self.chunk_bytes)
+        nearest_sq, _ = self.nearest(p, self.K)
         return self._output(nearest_sq, desc.shape, images.shape[-2:])
+
+    def nearest(self, p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact k nearest centres of (N, D') patches: squared distances (direct differences,
+        float32, ascending) and indices, both (N, k). Pruned by the bank's principal directions
+        unless `prune` is off or k' = D'; see search.py."""
+        dims = self.search_dims if self.prune else p.shape[1]
+        result = nearest(p, self.bank.search_index(dims), k, self.chunk_bytes)
+        self.last_search = result.stats
+        return result.values, result.indices

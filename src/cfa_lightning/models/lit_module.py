@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from ..distributed import PaddingFilter, current_eval_loader
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..distributed import (
+    PaddingFilter,
+    current_eval_loader,
+    gather_objects,
+    shard_loader,
+    world_and_rank,
+)
 from ..metrics import AnomalyMetrics
+from ..utils import plain
 from .backbone import Backbone
 from .cfa import CFA
 
 MIN_CALIBRATION_IMAGES = 20  # below this, a warning that the thresholds are unreliable
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def build_backbone(cfg: Mapping[str, Any]) -> Backbone:
@@ -60,11 +65,14 @@ class CFALitModule(pl.LightningModule):
         chunk_mb: int = 32,
         naive_loss: bool = False,
         threshold_quantile: float = 0.99,
+        threshold_rule: str = "auto",
         compile: bool = False,
+        search_dims: int | None = None,
+        prune: bool = True,
     ) -> None:
         super().__init__()
-        backbone = _plain(backbone)
-        input_size = _plain(input_size)
+        backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
+        input_size = plain(input_size)
         self.save_hyperparameters()
         self.model = CFA(
             build_backbone(backbone),
@@ -80,26 +88,35 @@ class CFALitModule(pl.LightningModule):
             blur_sigma=blur_sigma,
             kmeans_seed=kmeans_seed,
             chunk_bytes=chunk_mb * 2**20,
+            search_dims=search_dims,
+            prune=prune,
         )
         self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
         self.test_results: dict[str, float] = {}
         self._test_filter = PaddingFilter()  # drops the duplicates a DistributedSampler pads in
+        if threshold_rule not in ("auto", "quantile", "f1"):
+            raise ValueError(
+                f"model.threshold_rule={threshold_rule!r}; choose auto, quantile or f1"
+            )
         self._val_has_anomaly = False
+        self._val_real_anomaly = False
+        self._val_filter = PaddingFilter()
         self._val_scores: list[torch.Tensor] = []
         self._val_low = float("inf")
         self._calibrated_from = 0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> CFALitModule:
-        """Rebuild from a checkpoint; the backbone weights come from the checkpoint, not the hub."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        """Rebuild from a checkpoint file, read with `weights_only=True` (see checkpoint.py)."""
+        return cls.from_checkpoint_dict(load_checkpoint(path, map_location), path)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: Mapping[str, Any], path: str | Path) -> CFALitModule:
+        """Rebuild from a loaded checkpoint; the backbone weights come from it, not the hub."""
         hparams = ckpt.get("hyper_parameters")
-        if not hparams or "backbone" not in hparams:
-            raise ValueError(
+        if not isinstance(hparams, Mapping) or "backbone" not in hparams:
+            raise CheckpointError(
                 f"{path} is not a cfa-lightning checkpoint (no CFA hyper-parameters in it)"
             )
         backbone = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}
@@ -107,10 +124,18 @@ class CFALitModule(pl.LightningModule):
         try:
             module.load_state_dict(ckpt["state_dict"])
         except RuntimeError as err:
-            raise ValueError(
-                f"{path} does not match the model its own hyper-parameters describe: {err}"
-            ) from err
+            reason = " ".join(str(err).split())[:300]
+            raise CheckpointError(
+                f"{path} does not match the model its own hyper-parameters describe: {reason}"
+            ) from None
         return module
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A datamodule built by Hydra keeps DictConfig arguments in its hyper-parameters; stored
+        # as plain containers, every checkpoint loads with weights_only=True (checkpoint.py).
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(dict(checkpoint[key]))
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and not hasattr(self.model.describe, "_torchdynamo_orig_callable"):
@@ -120,41 +145,55 @@ class CFALitModule(pl.LightningModule):
     # ---- memory bank -------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if bool(self.model.bank.fitted):
-            rank_zero_info("memory bank restored from the checkpoint; not rebuilt")
+        # Runs before Lightning's sanity check. Resuming a fit (`ckpt_path=`) keeps the bank of
+        # that fit, restored with it; any other fit builds the bank from the data it is given.
+        if self.trainer.ckpt_path is not None:
+            rank_zero_info("resuming: memory bank restored from the checkpoint, not rebuilt")
             return
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "bank_dataloader"):
             raise RuntimeError(
                 "CFA builds its memory bank from `datamodule.bank_dataloader()`; pass a datamodule"
             )
+        if bool(self.model.bank.fitted):
+            rank_zero_warn(
+                "this model already has a memory bank: it is rebuilt from this fit's training data "
+                "with the current (trained) phi, not a freshly initialised one. To continue an "
+                "interrupted fit instead, pass ckpt_path= to fit."
+            )
         self.build_bank(datamodule.bank_dataloader())
 
     @torch.no_grad()
     def build_bank(self, loader) -> None:
-        """Exact mean of phi's initial output over the training set (sums reduced across ranks)."""
+        """Exact mean of phi's initial output over the training set.
+
+        phi runs under the training forward's precision (bf16 autocast under bf16-mixed), so the
+        centres live where the training and test descriptors do. Under DDP each rank reads only
+        its own share of the images, the sums and counts are reduced, and all take rank 0's
+        centres (k-means on a GPU is not bit-reproducible).
+        """
         bank = self.model.bank
         bank.reset()
         trainer = self._trainer  # None when called outside a Trainer
         show = trainer is None or (
             trainer.is_global_zero and trainer.progress_bar_callback is not None
         )
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        for i, batch in enumerate(
-            tqdm(loader, desc="Building memory bank", disable=not show, leave=False)
-        ):
-            if i % world == rank:  # each rank runs phi on its share of the batches only
-                bank.update(self.model.describe(batch["image"].to(self.device)))
-        total_sum, total_count = bank._sum, bank._count
+        precision = trainer.precision_plugin.train_step_context() if trainer else nullcontext()
+        world, rank = world_and_rank()
         if world > 1:
-            total_sum = trainer.strategy.reduce(total_sum.clone(), reduce_op="sum")
-            total_count = trainer.strategy.reduce(total_count.clone(), reduce_op="sum")
+            loader = shard_loader(loader, rank, world)
+        with precision:
+            for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
+                bank.update(self.model.describe(batch["image"].to(self.device)))
+        total_sum, total_count = bank._sum.clone(), bank._count.clone()
+        if world > 1:
+            torch.distributed.all_reduce(total_sum)
+            torch.distributed.all_reduce(total_count)
         n_images = int(total_count)
         bank.finalize(total_sum, total_count)
         if world > 1:
-            # Identical inputs give identical banks, but k-means on a GPU is not bit-reproducible:
-            # every rank takes rank 0's centres.
-            bank.centres.copy_(trainer.strategy.broadcast(bank.centres, src=0))
+            torch.distributed.broadcast(bank.centres, src=0)
+            bank.fit_projection()  # the search's basis follows rank 0's centres
         rank_zero_info(
             f"memory bank built from {n_images} training images: {tuple(bank.centres.shape)} centres"
         )
@@ -186,43 +225,88 @@ class CFALitModule(pl.LightningModule):
     # ---- evaluation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, out = self.model.loss(batch["image"], with_output=True)
-        bs = batch["image"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("val/score_mean", out.image_scores.mean(), batch_size=bs)
-        self.val_metrics.update(out.image_scores, batch["label"], out.maps, batch["mask"][:, 0])
-        self._val_has_anomaly |= bool(batch["label"].any())
-        self._val_scores.append(out.image_scores.detach())
-        self._val_low = min(self._val_low, float(out.maps.min()))
+        keep = self._val_filter.keep(len(batch["image"]))
+        n = len(keep) if keep is not None else len(batch["image"])  # padding only comes last
+        if n == 0:
+            return
+        images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
+        synthetic = batch.get("synthetic", torch.zeros_like(labels, dtype=torch.bool))[:n]
+        normal = labels == 0  # (n,)
+        scores = images.new_zeros(n)  # (n,)
+        maps = images.new_zeros(n, *images.shape[-2:])  # (n, H, W)
+        if normal.any():  # val/loss and the calibration see the normal images only
+            loss, out = self.model.loss(images[normal], with_output=True)
+            bs = int(normal.sum())
+            self.log("val/loss", loss, prog_bar=True, batch_size=bs)
+            self.log("val/score_mean", out.image_scores.mean(), batch_size=bs)
+            self._log_search("val", bs)
+            scores[normal], maps[normal] = out.image_scores, out.maps
+            self._val_scores.append(out.image_scores.detach())
+            self._val_low = min(self._val_low, float(out.maps.min()))
+        if not normal.all():
+            out = self.model(images[~normal])
+            scores[~normal], maps[~normal] = out.image_scores, out.maps
+        self.val_metrics.update(scores, labels, maps, masks)
+        self._val_has_anomaly |= bool(labels.any())
+        self._val_real_anomaly |= bool((labels.bool() & ~synthetic.bool()).any())
 
     def on_validation_epoch_start(self) -> None:
         self._val_has_anomaly = False
+        self._val_real_anomaly = False
         self._val_scores: list[torch.Tensor] = []
         self._val_low = float("inf")
+        loaders = self.trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        self._val_filter = PaddingFilter(loader)  # drops the sampler's padded duplicates
+        self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
-        # The default validation split is normal images only: image metrics need a user-given
-        # split with anomalies; val/loss and val/score_mean are logged either way.
+        # Decided across ranks: compute() gathers from every rank, so every rank must call it,
+        # also one whose share of the split happens to hold no anomaly.
+        has_anomaly = self._any_rank(self._val_has_anomaly)
+        real_anomaly = self._any_rank(self._val_real_anomaly)
         f1_thresholds = {}
-        if self._val_has_anomaly:
+        if has_anomaly:  # a split with real or synthetic anomalies
             results = self.val_metrics.compute()
-            for name, value in results.items():
-                self.log(f"val/{name}", value)
-            f1_thresholds = {k: v for k, v in results.items() if k.endswith("_threshold")}
+            for name, value in results.items():  # val/image_threshold is the calibrated one
+                self.log(f"val/{name.replace('_threshold', '_F1_threshold')}", value)
+            rule = self.hparams.threshold_rule
+            if rule == "f1" or (rule == "auto" and real_anomaly):
+                f1_thresholds = {k: v for k, v in results.items() if k.endswith("_threshold")}
         self.val_metrics.reset()
         self._calibrate(f1_thresholds)
+        if not self.trainer.sanity_checking:
+            self.log("time/val_epoch_s", time.perf_counter() - self._val_start)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` OR-ed over all ranks (the value itself when not distributed)."""
+        return bool(self.all_gather(torch.tensor(int(flag), device=self.device)).any())
 
     def _calibrate(self, f1_thresholds: dict[str, float]) -> None:
-        """Thresholds and normalisation from this epoch's validation images (kept in checkpoints)."""
-        if not self._val_scores:
+        """Thresholds and normalisation from this epoch's normal validation images (in checkpoints).
+
+        ``model.threshold_rule``: ``auto`` (default) takes the quantile rule on the normal
+        images unless the split holds real (not synthetic) anomalies, where it takes the best-F1
+        thresholds; ``quantile`` always takes the quantile rule, ``f1`` the F1 optimum whenever
+        the split has anomalies, synthetic ones included.
+        """
+        local = torch.cat(self._val_scores).cpu() if self._val_scores else torch.zeros(0)
+        scores = torch.cat(gather_objects(local)).flatten()  # every rank, any count
+        if scores.numel() == 0:
             return
-        scores = self.all_gather(torch.cat(self._val_scores)).flatten()
         low = float(self.all_gather(torch.tensor(self._val_low, device=self.device)).min())
         cal = self.model.calibration
         cal.fit(scores, low, self.hparams.threshold_quantile, f1_thresholds)
         self._calibrated_from = scores.numel()
         self.log("val/image_threshold", cal.image_threshold)
         self.log("val/pixel_threshold", cal.pixel_threshold)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        # Includes the validation run at the end of the epoch (time/val_epoch_s of it).
+        self.log("time/epoch_s", time.perf_counter() - self._train_start)
 
     def on_train_end(self) -> None:
         if not bool(self.model.calibration.fitted):
@@ -248,8 +332,15 @@ class CFALitModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_filter = PaddingFilter(current_eval_loader(self.trainer))
 
+    def _log_search(self, stage: str, batch_size: int) -> None:
+        """What the exact pruned search skipped: the share of centres it never measured in full."""
+        stats = self.model.last_search
+        if stats is not None:
+            self.log(f"{stage}/search_pruned_fraction", stats.pruned_fraction, batch_size=batch_size)
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         out = self.model(batch["image"])
+        self._log_search("test", len(batch["image"]))
         keep = self._test_filter.keep(len(batch["image"]))
         n = len(keep) if keep is not None else len(batch["image"])  # real samples come first
         if n:
@@ -259,7 +350,12 @@ class CFALitModule(pl.LightningModule):
         return out  # for callbacks (W&B media)
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = {f"test/{k}": float(v) for k, v in self.test_metrics.compute().items()}
+        # The best-F1 thresholds describe the test set, they are not deployable values: named
+        # test/*_F1max_threshold. Decisions use the calibrated validation thresholds in the model.
+        self.test_results = {
+            f"test/{k.replace('_threshold', '_F1max_threshold')}": float(v)
+            for k, v in self.test_metrics.compute().items()
+        }
         for name, value in self.test_results.items():
             self.log(name, value)
         self.test_metrics.reset()

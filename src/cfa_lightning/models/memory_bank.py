@@ -1,9 +1,19 @@
-"""Memory bank C: exact per-position mean of phi's initial output, optional k-means (spec section 2)."""
+"""Memory bank C: exact per-position mean of phi's initial output, optional k-means (spec section 2).
+
+Once C is final, the bank also fits the principal directions of its centres, used by the exact
+pruned search (`search.py`) for cheap lower bounds; they are buffers, so checkpoints carry them.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from .search import SearchIndex
+
+VARIANCE_KEPT = 0.9  # auto search_dims: the fewest principal directions that keep this much variance
 
 
 def kmeans(
@@ -65,6 +75,12 @@ class MemoryBank(nn.Module):
             )
         self.register_buffer("centres", torch.zeros(n_centres, dim))  # (M, D')
         self.register_buffer("fitted", torch.tensor(False))
+        # Principal directions of C for the pruned search, fitted with C (see fit_projection).
+        self.register_buffer("centre_mean", torch.zeros(dim))  # mu (D',)
+        self.register_buffer("basis", torch.eye(dim))  # (D', D') columns by falling variance
+        self.register_buffer("basis_norm", torch.tensor(1.0, dtype=torch.float64))  # sigma
+        self.register_buffer("search_dims", torch.tensor(dim))  # auto-chosen k'; D' = no pruning
+        self._index_cache: dict = {}
         # Running statistics while the bank is being built (float64 for an exact mean).
         self.register_buffer("_sum", torch.zeros(dim, height, width, dtype=torch.float64), False)
         self.register_buffer("_count", torch.zeros((), dtype=torch.float64), False)
@@ -104,6 +120,101 @@ class MemoryBank(nn.Module):
         if self.gamma_c > 1:
             vectors = kmeans(vectors, self.n_centres, seed=self.seed)
         self.centres.copy_(vectors)
+        self.fit_projection()
         self.fitted.fill_(True)
         self._sum.zero_()
         self._count.zero_()
+
+    @torch.no_grad()
+    def fit_projection(self, variance_kept: float = VARIANCE_KEPT) -> None:
+        """Principal directions of the centres (float64) and the number k' of them to search with.
+
+        k' is the fewest directions keeping `variance_kept` of the centres' variance; when that is
+        over D' / 4, a bound costs too much to pay and k' = D' (dense search).
+        """
+        basis, mean, sigma, dims = principal_directions(self.centres, variance_kept)
+        self.centre_mean.copy_(mean)
+        self.basis.copy_(basis)
+        self.basis_norm.fill_(sigma)
+        self.search_dims.fill_(dims)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the pruned search have no basis: fit it from their centres.
+        if prefix + "centres" in state_dict and prefix + "basis" not in state_dict:
+            basis, mean, sigma, dims = principal_directions(state_dict[prefix + "centres"])
+            state_dict[prefix + "centre_mean"] = mean
+            state_dict[prefix + "basis"] = basis
+            state_dict[prefix + "basis_norm"] = torch.tensor(sigma, dtype=torch.float64)
+            state_dict[prefix + "search_dims"] = torch.tensor(dims)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def search_index(self, dims: int | None = None) -> SearchIndex:
+        """Centred and projected centres for `search.nearest`; dims: k' (None: the fitted one).
+
+        Cached until a buffer changes (a new bank, a loaded checkpoint, a move to a device).
+        """
+        dim = self.centres.shape[1]
+        dims = int(self.search_dims) if dims is None else dims
+        if not 1 <= dims <= dim:
+            raise ValueError(f"model.search_dims={dims} is outside the valid range 1..{dim} (D')")
+        key = (dims,) + tuple(
+            (t.device, t.data_ptr(), t._version) for t in (self.centres, self.basis, self.centre_mean)
+        )
+        if self._index_cache.get("key") != key:
+            self._index_cache = {"key": key, "index": self._build_index(dims)}
+        return self._index_cache["index"]
+
+    @torch.no_grad()
+    def _build_index(self, dims: int) -> SearchIndex:
+        centres = self.centres.float()
+        mean = self.centre_mean.float()
+        centred = (centres.double() - mean.double()).float()  # y (M, D'), one rounding
+        centred_sq = centred.square().sum(dim=1)
+        basis = projected = projected_sq = None
+        projected_max = 0.0
+        if dims < centres.shape[1]:
+            basis = self.basis[:, :dims].float().contiguous()  # W (D', k')
+            projected = (centred.double() @ basis.double()).float()  # W^T y (M, k')
+            projected_sq = projected.square().sum(dim=1)
+            projected_max = float(projected_sq.max().sqrt())
+        return SearchIndex(
+            centres=centres,
+            mean=mean,
+            centred=centred,
+            centred_sq=centred_sq,
+            centred_max=float(centred_sq.max().sqrt()),
+            basis=basis,
+            projected=projected,
+            projected_sq=projected_sq,
+            projected_max=projected_max,
+            sigma=max(float(self.basis_norm), 1.0),
+        )
+
+
+@torch.no_grad()
+def principal_directions(
+    centres: Tensor, variance_kept: float = VARIANCE_KEPT
+) -> tuple[Tensor, Tensor, float, int]:
+    """(M, D') centres -> basis (D', D') by falling variance, mean (D',), sigma, auto k'.
+
+    sigma = ||W||_2 of the float32 basis, computed in float64: the lower bound divides by it.
+    """
+    x = centres.double()
+    mean = x.mean(dim=0)
+    xc = x - mean
+    cov = xc.t() @ xc / max(x.shape[0], 1)  # (D', D')
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    eigval, basis = eigval.flip(0).clamp_min(0), eigvec.flip(1)
+    basis32 = basis.float()
+    sigma = float(torch.linalg.matrix_norm(basis32.double(), ord=2))
+    dim = x.shape[1]
+    total = float(eigval.sum())
+    if total > 0:
+        kept = torch.cumsum(eigval, 0) / total
+        dims = int((kept < variance_kept).sum()) + 1
+    else:
+        dims = 1
+    dims = min(dims, dim)
+    if dims > dim / 4:
+        dims = dim
+    return basis32, mean.float(), max(sigma, 1.0), int(math.ceil(dims))

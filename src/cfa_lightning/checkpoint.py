@@ -1,0 +1,69 @@
+"""Reading checkpoints safely: tensors and plain containers only, and one-line errors for bad files.
+
+Every checkpoint this package reads goes through `load_checkpoint` (eval, predict, export, the
+Python API, and `ckpt_path=` resume in train). It unpickles with `weights_only=True`, so a crafted
+file cannot run code; our own checkpoints hold only tensors, numbers, strings and plain
+containers, so no allowlist of extra classes is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import re
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save has written zip archives since PyTorch 1.6
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and says what is wrong."""
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint's dict, unpickled with `weights_only=True`; CheckpointError if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={str(path)!r} does not exist or is not a file")
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path} is not a checkpoint: a PyTorch checkpoint is a zip archive, this file is not"
+        )
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or damaged: its zip archive is incomplete")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise CheckpointError(
+            f"{path} was refused: it holds pickled objects other than tensors and plain containers"
+            f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(
+            f"{path} is truncated or damaged: {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    return ckpt
+
+
+def exits_on_checkpoint_error(main: Callable[..., Any]) -> Callable[..., Any]:
+    """For command entry points: a CheckpointError ends the command with its one-line message."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except CheckpointError as err:
+            sys.exit(f"error: {err}")
+
+    return wrapper

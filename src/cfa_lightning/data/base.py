@@ -1,0 +1,188 @@
+"""The DataModule base shared by the MVTec layout and users' own folders.
+
+A subclass says where the samples are (:meth:`AnomalyDataModule.scan`: train, val, test);
+this base verifies the files, builds the datasets, the optional synthetic-anomaly validation
+split and the loaders. Validation images come from the training images (or a validation
+folder), never from the test set (see the evaluation protocol in ``cfa_spec.md``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from torch.utils.data import DataLoader, Dataset
+
+from .dataset import MVTecDataset
+from .layout import Sample
+from .transforms import ImageMaskTransform
+from .val_anomalies import SyntheticAnomalyConfig, SyntheticValidationSet
+from .verify import verify_samples
+
+__all__ = ["VAL_ANOMALIES", "AnomalyDataModule", "split_train_val"]
+
+VAL_ANOMALIES = ("none", "synthetic")
+
+
+def _resolve_root(root: str | os.PathLike) -> Path:
+    """Absolute root; relative paths are taken from the launch directory under Hydra."""
+    root = os.path.expanduser(os.fspath(root))
+    if HydraConfig.initialized():
+        return Path(to_absolute_path(root))
+    return Path(os.path.abspath(root))
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(n)`` into sorted (train, val) indices.
+
+    ``round(val_fraction * n)`` images go to val (at least 1 when the fraction is
+    positive), always leaving at least one image for training.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n))
+    n_val = min(n_val, n - 1)
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(n, generator=generator).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+class AnomalyDataModule(pl.LightningDataModule):
+    """Train, bank, validation and test loaders over the samples :meth:`scan` lists.
+
+    ``val_anomalies="synthetic"`` scores every validation image as it is and with synthetic
+    defects (``synthetic_anomalies``: families, per_image, seed, min_images), drawn once in
+    ``setup``. ``split_seed`` fixes which training images are held out for validation; it is
+    independent of the training seed, so seeds vary the initialisation only.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        image_size: int | Sequence[int] = 256,
+        crop_size: int | Sequence[int] | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        pin_memory: bool = False,
+        verify_images: bool = True,
+        skip_bad_images: bool = False,
+        cache_images: bool = False,
+        val_anomalies: str = "none",
+        synthetic_anomalies: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if int(batch_size) < 1 or (eval_batch_size is not None and int(eval_batch_size) < 1):
+            raise ValueError(
+                f"data.batch_size / data.eval_batch_size must be >= 1, got "
+                f"{batch_size} / {eval_batch_size}"
+            )
+        val_anomalies = "none" if val_anomalies in (None, False) else str(val_anomalies)
+        if val_anomalies not in VAL_ANOMALIES:
+            raise ValueError(
+                f"data.val_anomalies={val_anomalies!r}; choose one of {', '.join(VAL_ANOMALIES)}"
+            )
+        self.root = _resolve_root(root)
+        self.category = category
+        self.transform = ImageMaskTransform(image_size, crop_size)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.pin_memory = bool(pin_memory)
+        self.verify_images = bool(verify_images)
+        self.skip_bad_images = bool(skip_bad_images)
+        self.cache_images = bool(cache_images)
+        self.val_anomalies = val_anomalies
+        self.synthetic_config = SyntheticAnomalyConfig.from_mapping(synthetic_anomalies)
+        self.train_set: MVTecDataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: MVTecDataset | None = None
+
+    def scan(self) -> tuple[list[Sample], list[Sample], list[Sample]]:
+        """(train, val, test) samples; val never holds a test image."""
+        raise NotImplementedError
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the test set has ground-truth masks (else pixel metrics are skipped)."""
+        return self.test_set is not None and any(
+            s.mask_path is not None for s in self.test_set.samples
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:  # scan once, whatever the stage
+            return
+        train, val, test = self.scan()
+        if self.verify_images:
+            kept = set(verify_samples([*train, *val, *test], skip_bad=self.skip_bad_images))
+            train, val, test = ([s for s in part if s in kept] for part in (train, val, test))
+            if not train:
+                raise ValueError("no readable training image is left after skipping bad files")
+            if not test:
+                raise ValueError("no readable test image is left after skipping bad files")
+        cache = self.cache_images
+        self.train_set = MVTecDataset(train, self.transform, cache)
+        self.val_set = MVTecDataset(val, self.transform, cache) if val else None
+        self.test_set = MVTecDataset(test, self.transform, cache)
+        if self.val_anomalies == "synthetic":
+            self.val_set = self._synthetic_val_set(val)
+
+    def _synthetic_val_set(self, val: list[Sample]) -> SyntheticValidationSet:
+        normal = [s for s in val if s.label == 0]
+        need = self.synthetic_config.min_images
+        if len(normal) < need:
+            raise ValueError(
+                f"data.val_anomalies=synthetic needs at least {need} normal validation images "
+                f"(data.synthetic_anomalies.min_images), found {len(normal)} "
+                f"(data.val_fraction={self.val_fraction} of {len(normal) + len(self.train_set)} "
+                "training images"
+                + (", data.val_dir" if hasattr(self, "folders") else "")
+                + "). Raise data.val_fraction, give a validation folder (data=folder "
+                "data.val_dir=...), or set data.val_anomalies=none."
+            )
+        return SyntheticValidationSet(MVTecDataset(normal, self.transform), self.synthetic_config)
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for loaders")
+        in_memory = isinstance(dataset, SyntheticValidationSet)
+        workers = 0 if in_memory else self.num_workers  # nothing to decode: no worker processes
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def bank_dataloader(self) -> DataLoader:
+        """The training images in a fixed order, for building the memory bank."""
+        return self._loader(self.train_set, self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation images (never test images); ``[]`` when there are none."""
+        if self.train_set is not None and self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,95 @@
+"""Validation with synthetic anomalies: the held-out normal images, as they are and with defects.
+
+Every validation image is scored twice: as it is (label 0) and, ``per_image`` times, with a
+synthetic defect drawn by ``defects.py`` (label 1, an exact mask). The defects are drawn once,
+in ``setup``, at the model's resolution (after resize and crop), deterministically from
+``seed``; they never depend on the training seed, so every trial of a sweep validates on the
+same anomalies. Only validation images are used, as images and as pasted content: no test
+image, and no external data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .defects import DEFECT_FAMILIES, check_families, draw_defect
+
+__all__ = ["SyntheticAnomalyConfig", "SyntheticValidationSet"]
+
+SYNTHETIC_PREFIX = "synthetic_"  # defect_type of a synthetic anomaly: synthetic_<family>
+
+
+class SyntheticAnomalyConfig:
+    """Options of ``data.synthetic_anomalies`` (see ``conf/data/mvtec.yaml``)."""
+
+    def __init__(
+        self,
+        families: str | Sequence[str] = DEFECT_FAMILIES,
+        per_image: int = 2,
+        seed: int = 0,
+        min_images: int = 4,
+    ) -> None:
+        self.families = check_families(families, "data.synthetic_anomalies.families")
+        if int(per_image) < 1:
+            raise ValueError(f"data.synthetic_anomalies.per_image must be >= 1, got {per_image}")
+        self.per_image = int(per_image)
+        self.seed = int(seed)
+        self.min_images = max(2, int(min_images))
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> SyntheticAnomalyConfig:
+        options = dict(options or {})
+        known = {"families", "per_image", "seed", "min_images"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"data.synthetic_anomalies: unknown option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+
+class SyntheticValidationSet(Dataset):
+    """Normal validation images followed by their synthetic-defect copies, all in memory.
+
+    Items are those of :class:`~cfa_lightning.data.dataset.MVTecDataset` plus ``synthetic``
+    (bool). The k-th copy of image i uses family ``families[(i * per_image + k) % F]``, so the
+    families are balanced, and the generator ``default_rng([seed, i, k])``.
+    """
+
+    def __init__(self, normal: Dataset, config: SyntheticAnomalyConfig) -> None:
+        items = [normal[i] for i in range(len(normal))]  # decoded once, (3, H, W) in [0, 1]
+        arrays = [item["image"].permute(1, 2, 0).numpy() for item in items]  # (H, W, 3)
+        self.items: list[dict[str, Any]] = []
+        for item in items:
+            self.items.append({**item, "synthetic": torch.tensor(False)})
+        n_families = len(config.families)
+        for i, (item, image) in enumerate(zip(items, arrays, strict=True)):
+            for k in range(config.per_image):
+                family = config.families[(i * config.per_image + k) % n_families]
+                rng = np.random.default_rng([config.seed, i, k])
+                defective, mask = draw_defect(family, rng, image, sources=arrays)
+                self.items.append(
+                    {
+                        "image": torch.from_numpy(np.ascontiguousarray(defective, np.float32)),
+                        "mask": torch.from_numpy(mask)[None].float(),  # (1, H, W) {0, 1}
+                        "label": torch.tensor(1, dtype=torch.int64),
+                        "image_path": f"{item['image_path']}#{SYNTHETIC_PREFIX}{family}_{k}",
+                        "defect_type": SYNTHETIC_PREFIX + family,
+                        "synthetic": torch.tensor(True),
+                    }
+                )
+                self.items[-1]["image"] = self.items[-1]["image"].permute(2, 0, 1).contiguous()
+        self.n_normal = len(items)
+        self.samples = getattr(normal, "samples", [])  # the real files behind the set
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]

@@ -1,0 +1,122 @@
+"""Checkpoints from elsewhere: nothing but tensors and plain containers is unpickled, and bad
+files stop every command with one line that names the file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cfa_lightning.checkpoint import CheckpointError, load_checkpoint
+from cfa_lightning.inference import Predictor
+from cfa_lightning.models.lit_module import CFALitModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WritesAFile:
+    """Unpickling this calls os.system: a stand-in for a checkpoint crafted to run code."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.fixture()
+def bad_files(tmp_path, trained_checkpoint) -> dict[str, Path]:
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.ckpt"  # a zip archive, like a real checkpoint
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": WritesAFile(marker)}}, crafted)
+    raw = tmp_path / "raw_pickle.ckpt"  # a bare pickle stream
+    raw.write_bytes(pickle.dumps({"state_dict": WritesAFile(marker)}))
+    data = trained_checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    text = tmp_path / "notes.ckpt"
+    text.write_text("these are my notes, not a checkpoint\n" * 20)
+    return {"crafted": crafted, "raw": raw, "truncated": truncated, "text": text,
+            "marker": marker}  # fmt: skip
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(bad_files, trained_checkpoint):
+    with pytest.raises(CheckpointError, match=r"crafted\.ckpt was refused.*posix\.system"):
+        load_checkpoint(bad_files["crafted"])
+    with pytest.raises(CheckpointError, match="crafted.ckpt was refused"):
+        CFALitModule.from_checkpoint(bad_files["crafted"])
+    with pytest.raises(CheckpointError, match="crafted.ckpt was refused"):
+        Predictor.from_checkpoint(bad_files["crafted"])
+    with pytest.raises(CheckpointError, match="raw_pickle.ckpt is not a checkpoint"):
+        Predictor.from_checkpoint(bad_files["raw"])
+    assert not bad_files["marker"].exists()
+
+
+def test_bad_files_get_one_line_that_says_what_is_wrong(bad_files, tmp_path):
+    cases = {"truncated": "truncated.ckpt is truncated or damaged",
+             "text": "notes.ckpt is not a checkpoint"}  # fmt: skip
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError, match=message) as info:
+            CFALitModule.from_checkpoint(bad_files[name])
+        assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        CFALitModule.from_checkpoint(tmp_path / "missing.ckpt")
+
+
+def _command(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_every_command_stops_with_one_line(bad_files, tmp_path):
+    """Each command with one kind of bad file (the Python API tests above cover every kind)."""
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    commands = [
+        ("cfa_lightning.eval", "truncated", ["data=synthetic", f"data.root={tmp_path}"]),
+        ("cfa_lightning.predict", "text", [f"input={tmp_path}", f"output_dir={tmp_path}"]),
+        ("cfa_lightning.export", "crafted", [f"output_dir={tmp_path}"]),
+        ("cfa_lightning.train", "truncated", ["+experiment=demo", f"data.root={tmp_path}"]),
+    ]  # train: resuming a fit with ckpt_path=
+    for module, name, overrides in commands:
+        path = bad_files[name]
+        proc = _command(module, f"ckpt_path={path}", *overrides, run_dir)
+        assert proc.returncode == 1, (module, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert errors[-1].startswith(f"error: {path} "), (module, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, module
+    assert not bad_files["marker"].exists()
+
+
+def test_checkpoints_of_a_hydra_built_run_load_with_weights_only(synthetic_root, tmp_path):
+    """Hydra passes DictConfig/ListConfig arguments; the checkpoint stores them as plain data."""
+    pl.seed_everything(0)
+    dm = instantiate(OmegaConf.create({
+        "_target_": "cfa_lightning.data.MVTecDataModule", "root": str(synthetic_root),
+        "category": "synthetic", "image_size": [64, 80], "download": {"enabled": False},
+    }))  # fmt: skip
+    model = instantiate(OmegaConf.create({
+        "_target_": "cfa_lightning.models.lit_module.CFALitModule", "input_size": [64, 80],
+        "backbone": {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
+    }))  # fmt: skip
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1,
+                         accelerator="cpu", logger=False, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "hydra.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = load_checkpoint(path)  # weights_only=True
+    assert ckpt["datamodule_hyper_parameters"]["download"] == {"enabled": False}
+    assert ckpt["hyper_parameters"]["input_size"] == [64, 80]
+    # ... and Lightning's own resume (weights_only=True) reads it too
+    resumed = CFALitModule.from_checkpoint(path)
+    pl.Trainer(default_root_dir=tmp_path, max_epochs=2, limit_train_batches=1, accelerator="cpu",
+               logger=False, enable_progress_bar=False).fit(
+        resumed, datamodule=dm, ckpt_path=path, weights_only=True)  # fmt: skip
+    assert resumed.trainer.current_epoch == 2

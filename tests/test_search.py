@@ -1,0 +1,177 @@
+"""The exact pruned search (models/search.py) against brute force in float64."""
+
+import math
+
+import pytest
+import torch
+
+from cfa_lightning.models import search
+from cfa_lightning.models.memory_bank import MemoryBank
+from cfa_lightning.models.search import gamma, nearest
+
+BUDGET = 32 * 2**20
+
+
+def _bank(centres: torch.Tensor) -> MemoryBank:
+    m, dim = centres.shape
+    bank = MemoryBank(dim, 1, m)
+    bank.centres.copy_(centres)
+    bank.fit_projection()
+    bank.fitted.fill_(True)
+    return bank
+
+
+def _brute(p, c, k):
+    d = torch.cdist(p.double(), c.double()).pow(2)  # float64 reference
+    return torch.topk(d, k, dim=1, largest=False, sorted=True)
+
+
+def _trained_like(n=300, m=512, dim=64, rank=8, seed=0):
+    """Centres on a low-rank structure far from the origin (||c||^2 in the thousands), and
+    patches close to one centre, as in a trained model."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(m, rank, generator=g) @ torch.randn(rank, dim, generator=g) * 2 + 5
+    c += 0.3 * torch.randn(m, dim, generator=g)
+    p = c[torch.randint(m, (n,), generator=g)] + 0.2 * torch.randn(n, dim, generator=g)
+    return p, c
+
+
+def _assert_exact(result, p, c, k):
+    ref_v, ref_i = _brute(p, c, k)
+    assert torch.allclose(result.values.double(), ref_v, rtol=1e-5, atol=1e-5)
+    # same centres unless their distances tie to float32 rounding
+    same = result.indices == ref_i
+    d_mine = torch.cdist(p.double(), c.double()).pow(2).gather(1, result.indices)
+    assert torch.allclose(d_mine[~same], ref_v[~same], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 8, 16, 64])  # 64 = D': dense, no pruning
+def test_search_equals_brute_force_on_random_and_trained_like(dims):
+    torch.manual_seed(0)
+    for p, c in [(torch.randn(200, 64), torch.randn(300, 64)), _trained_like()]:
+        result = nearest(p, _bank(c).search_index(dims), 6, BUDGET)
+        _assert_exact(result, p, c, 6)
+        if dims == 64:
+            assert result.stats.dense_patches == len(p) and result.stats.pruned_fraction == 0
+
+
+def test_pruning_checks_few_centres_on_trained_like_features():
+    p, c = _trained_like()
+    result = nearest(p, _bank(c).search_index(8), 6, BUDGET)
+    _assert_exact(result, p, c, 6)
+    assert result.stats.checked_fraction < 0.3 and result.stats.dense_patches == 0
+
+
+@pytest.mark.parametrize("budget", [1, 4 * 300 * 7, BUDGET])  # one row, ragged chunks, one block
+def test_ragged_chunks(budget):
+    p, c = _trained_like(n=97, m=300)
+    _assert_exact(nearest(p, _bank(c).search_index(4), 5, budget), p, c, 5)
+
+
+def test_tied_distances():
+    # Centres on a grid: many patches sit at exactly equal distances from several centres.
+    grid = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij"), -1)
+    c = torch.cat([grid.reshape(-1, 2), torch.zeros(36, 6)], dim=1) + 10  # (36, 8)
+    p = c[::3] + torch.tensor([0.5, 0.5] + [0.0] * 6)  # equidistant from 4 centres
+    result = nearest(p, _bank(c).search_index(2), 4, BUDGET)
+    ref_v, _ = _brute(p, c, 4)
+    assert torch.allclose(result.values.double(), ref_v, atol=1e-5)  # the tie set itself
+    d = torch.cdist(p.double(), c.double()).pow(2).gather(1, result.indices)
+    assert torch.allclose(d, ref_v, atol=1e-5)
+
+
+def test_fallback_to_dense_when_the_bound_is_useless():
+    # Isotropic centres: a 1-dim projection bounds nothing, so rows go to the dense path.
+    torch.manual_seed(1)
+    p, c = torch.randn(120, 32), torch.randn(400, 32)
+    result = nearest(p, _bank(c).search_index(1), 3, BUDGET, max_fraction=0.05)
+    _assert_exact(result, p, c, 3)
+    assert result.stats.dense_patches > 0
+
+
+def test_rounding_slack_is_not_zero():
+    # Why a slack at all: for a patch sitting on a centre far from the origin, the float32
+    # projected bound L_hat = ||q||^2 + ||q_c||^2 - 2 q.q_c cancels and can come out *above* the
+    # true distance d. With a zero slack (tau = delta) the search would prune a centre whose true
+    # distance equals delta, i.e. drop a true nearest neighbour.
+    torch.manual_seed(2)
+    c = 40 + torch.randn(256, 16)
+    p = c + 1e-3 * torch.randn_like(c)
+    index = _bank(c).search_index(15)
+    x = p - index.mean
+    q = x @ index.basis
+    q_sq = q.square().sum(1)
+    l_hat = q_sq.unsqueeze(1) + index.projected_sq - 2 * q @ index.projected.t()  # (n, M)
+    d = torch.cdist(p.double(), c.double()).pow(2)
+    assert bool((l_hat.double() > d).any())  # the bound computed in float32 is not a bound
+    tau = search.projected_threshold(
+        d.diagonal().float(), x.square().sum(1).sqrt(), q_sq, index, 16, search.U32
+    )
+    assert bool((tau > d.diagonal()).all())  # slack > 0
+    assert bool((tau >= l_hat.diagonal().double()).all())  # ... and it covers the excess
+    result = nearest(p, index, 1, BUDGET)
+    assert torch.equal(result.indices[:, 0], torch.arange(256))
+
+
+def test_low_precision_ranking_is_repaired(monkeypatch):
+    """Item 2 of issue 10: an expanded form in bf16 (as TF32/bf16 matmuls) ranks; exact winners."""
+    p, c = _trained_like(n=400, m=600, dim=96, seed=3)
+    p, c = p * 6, c * 6  # ||c||^2 in the thousands, nearest d in the tens
+    real_addmm = torch.addmm
+
+    def bf16_addmm(bias, a, b, alpha=1.0, **kw):  # inputs rounded to bf16, float32 accumulation
+        return real_addmm(bias, a.bfloat16().float(), b.bfloat16().float(), alpha=alpha, **kw)
+
+    monkeypatch.setattr(search.torch, "addmm", bf16_addmm)
+    monkeypatch.setattr(search, "matmul_unit_roundoff", lambda device: 2.0**-8)
+    for dims in (8, 96):
+        result = nearest(p, _bank(c).search_index(dims), 3, BUDGET)
+        _assert_exact(result, p, c, 3)
+    # the naive bf16 ranking alone picks wrong winners here: the certificate had work to do
+    x = p - c.mean(0)
+    approx = bf16_addmm((c - c.mean(0)).square().sum(1), x, (c - c.mean(0)).t(), alpha=-2.0)
+    naive = torch.topk(approx, 3, dim=1, largest=False).indices
+    assert not torch.equal(naive, _brute(p, c, 3).indices)
+
+
+def test_matmul_precision_medium_gives_fp32_scores():
+    p, c = _trained_like(n=200, m=300, dim=48, seed=4)
+    p, c = p * 6, c * 6
+    index = _bank(c).search_index(48)
+    ref = nearest(p, index, 3, BUDGET)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        low = nearest(p, index, 3, BUDGET)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(low.values, ref.values) and torch.equal(low.indices, ref.indices)
+
+
+def test_projection_option_outside_range_is_refused():
+    bank = _bank(torch.randn(10, 4))
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=r"1\.\.4"):
+            bank.search_index(bad)
+
+
+def test_too_few_centres_is_a_clear_error():
+    bank = _bank(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="gamma_c"):
+        nearest(torch.zeros(2, 3), bank.search_index(), 3, BUDGET)
+
+
+def test_auto_dims_and_basis_survive_a_checkpoint_and_old_ones_are_fitted_on_load():
+    _, c = _trained_like(m=256, dim=64)
+    bank = _bank(c)
+    dims = int(bank.search_dims)
+    assert 1 <= dims <= 16 and math.isclose(float(bank.basis_norm), 1.0, abs_tol=1e-5)
+    state = bank.state_dict()
+    restored = MemoryBank(64, 1, 256)
+    restored.load_state_dict(state)
+    assert int(restored.search_dims) == dims and torch.equal(restored.basis, bank.basis)
+    old = {k: v for k, v in state.items() if k in ("centres", "fitted")}  # before the search
+    legacy = MemoryBank(64, 1, 256)
+    legacy.load_state_dict(old)  # strict: the missing basis is fitted from the centres
+    assert int(legacy.search_dims) == dims
+    assert torch.allclose(legacy.basis.abs(), bank.basis.abs(), atol=1e-4)
