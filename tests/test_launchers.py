@@ -297,3 +297,20 @@ def test_ray_runs_one_job_per_gpu_and_a_gpu_takes_the_next_job(tmp_path):
         running = [o for o in jobs if o["start"] <= job["start"] < o["end"]]
         assert len(running) <= 2, jobs
     assert {job["gpus"] for job in jobs} == {"0", "1"}
+
+
+def test_the_cli_names_the_extra_when_the_plugin_is_missing(tmp_path):
+    """The Ray plugin hidden from the command (as if never installed): it stops before any job."""
+    hide_and_run = (
+        "import sys; sys.modules['hydra_plugins.hydra_ray_launcher'] = None; "
+        "from cfa_lightning.train import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide_and_run, "-m", "+experiment=demo", "hydra/launcher=ray_gpus",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "hydra/launcher=ray_gpus needs the Hydra plugin hydra-ray-launcher" in proc.stderr
+    assert "pip install 'cfa-lightning[cluster]'" in proc.stderr
+    assert not (tmp_path / "sweep").exists()

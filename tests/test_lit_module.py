@@ -182,3 +182,27 @@ def test_bank_is_built_under_the_training_precision(tmp_path, datamodule):
     bf16, fp32 = bank_mean(autocast=True), bank_mean(autocast=False)
     assert not torch.allclose(bf16, fp32, atol=1e-4)  # the precisions really differ
     assert torch.allclose(module.model.bank.centres, bf16, atol=1e-6)
+
+
+def test_the_repulsion_term_changes_what_training_learns(tmp_path, datamodule):
+    """J = 0 against J = 3, with r^2 between the median d_(K) and d_(K+1) of the initial model so
+    that both hinge terms are active. (At the default r = 1e-5 the repulsion term stays exactly
+    zero in a short training, so J = 0 changes nothing there; see README, Results.)"""
+    pl.seed_everything(0)
+    probe = CFALitModule(BACKBONE, input_size=[64, 80])
+    datamodule.setup("fit")
+    probe.build_bank(datamodule.bank_dataloader())
+    images = next(iter(datamodule.bank_dataloader()))["image"]
+    with torch.no_grad():
+        p = probe.model.flatten_patches(probe.model.describe(images))
+        d = torch.cdist(p, probe.model.bank.centres).pow(2).sort(dim=1).values  # (N, M) ascending
+    radius = float(((d[:, 2].median() + d[:, 3].median()) / 2).sqrt())  # between d_(3) and d_(4)
+    test_images = next(iter(datamodule.test_dataloader()))["image"]
+    scores = {}
+    for J in (0, 3):
+        pl.seed_everything(0)
+        module = CFALitModule(BACKBONE, input_size=[64, 80], J=J, radius=radius)
+        _trainer(tmp_path, epochs=2, limit_val_batches=0).fit(module, datamodule=datamodule)
+        with torch.no_grad():
+            scores[J] = module.model.eval()(test_images).image_scores
+    assert not torch.allclose(scores[0], scores[3], rtol=1e-2)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 U32 = 2.0**-24  # unit roundoff of float32
 GROWTH = 4  # candidates multiply by this for the rows that fail the certificate
-CACHE_BYTES = 4 * 2**20  # pruned blocks: the (n, M) bounds stay in cache for the top-k that reads them
+PRUNED_BLOCK = 32  # patches per pruned block: neighbours share candidates, so few centres stay
 
 
 def gamma(n: int, u: float = U32) -> float:
@@ -133,7 +133,6 @@ def _certify(approx, p, centres, k, first, limit, threshold, budget_bytes):
     checked = 0
     rows = torch.arange(n, device=p.device)
     c = min(max(first, k), m)
-    first_failed = None
     while True:
         a = approx if rows.numel() == n else approx[rows]
         bound, cand = torch.topk(a, c, dim=1, largest=False, sorted=False)  # (r, c)
@@ -148,9 +147,8 @@ def _certify(approx, p, centres, k, first, limit, threshold, budget_bytes):
         values[done] = v[ok]
         indices[done] = cand[ok].gather(1, j[ok])
         rows = rows[~ok]
-        first_failed = rows.numel() if first_failed is None else first_failed
         if rows.numel() == 0 or c >= limit:
-            return values, indices, checked, rows, first_failed
+            return values, indices, checked, rows
         c = min(c * GROWTH, m)
 
 
@@ -179,39 +177,50 @@ def projected_threshold(
     return (sigma * _delta_up(delta_hat, dim).sqrt() + eps_q) ** 2 + eps_g
 
 
-def _dense_block(p, index: SearchIndex, k, budget_bytes, u_mm):
-    """Expanded form in the matmul's precision, then the certificate; exact for every row."""
+def _dense_block(p, index: SearchIndex, k, budget_bytes, u_mm, cols: Tensor | None = None):
+    """Expanded form in the matmul's precision, then the certificate; exact for every row.
+
+    cols: restrict the search to these centres (the ones a projected bound could not rule out).
+    """
+    centred, centred_sq, centres = index.centred, index.centred_sq, index.centres
+    if cols is not None:
+        centred, centred_sq = centred.index_select(0, cols), centred_sq.index_select(0, cols)
+        centres = centres.index_select(0, cols)
     x = p - index.mean  # (n, D')
     x_sq = x.square().sum(dim=1)  # (n,)
-    approx = torch.addmm(index.centred_sq.unsqueeze(0), x, index.centred.t(), alpha=-2.0)
+    approx = torch.addmm(centred_sq.unsqueeze(0), x, centred.t(), alpha=-2.0)  # d_tilde - ||x||^2
     dim = p.shape[1]
     eps = dense_slack(x_sq.sqrt(), index, dim, u_mm)  # (n,)
 
-    def threshold(delta_hat, rows):  # approx = d_tilde - ||x||^2
+    def threshold(delta_hat, rows):
         return _delta_up(delta_hat, dim) + eps[rows] - x_sq[rows].double()
 
     first = k + max(k, 8)  # a margin of extra candidates in case low precision misranks
     m = approx.shape[1]
-    values, indices, _, left, _ = _certify(
-        approx, p, index.centres, k, first, m, threshold, budget_bytes
-    )
+    values, indices, _, left = _certify(approx, p, centres, k, first, m, threshold, budget_bytes)
     assert left.numel() == 0  # with all M candidates every row is certified
+    if cols is not None:
+        indices = cols[indices]
     return values, indices, p.shape[0] * m  # the expanded form is a full-cost look at every centre
 
 
-def _pruned_block(p, index: SearchIndex, k, first, limit, budget_bytes, u_mm):
-    """Projected lower bounds, then the certificate; returns the rows it could not certify."""
+def _pruned_block(p, index: SearchIndex, k, max_fraction, budget_bytes, u_mm):
+    """Projected lower bounds rule out centres for the whole block; the dense certified search
+    runs on the rest. Returns None when too many centres remain for pruning to pay."""
     x = p - index.mean  # (n, D')
     q = x @ index.basis  # (n, k')
     q_sq = q.square().sum(dim=1)
-    approx = torch.addmm(index.projected_sq.unsqueeze(0), q, index.projected.t(), alpha=-2.0)
-    x_norm = x.square().sum(dim=1).sqrt()
-
-    def threshold(delta_hat, rows):  # approx = L_hat - ||q||^2
-        tau = projected_threshold(delta_hat, x_norm[rows], q_sq[rows], index, p.shape[1], u_mm)
-        return tau - q_sq[rows].double()
-
-    return _certify(approx, p, index.centres, k, first, limit, threshold, budget_bytes)
+    bounds = torch.addmm(index.projected_sq.unsqueeze(0), q, index.projected.t(), alpha=-2.0)
+    # A first delta per patch from its 2k best-bounded centres, measured exactly.
+    first = torch.topk(bounds, min(2 * k, bounds.shape[1]), dim=1, largest=False).indices
+    delta_hat = exact_sq_distances(p, index.centres, first, budget_bytes).kthvalue(k, dim=1).values
+    tau = projected_threshold(delta_hat, x.square().sum(dim=1).sqrt(), q_sq, index, p.shape[1], u_mm)
+    keep = (bounds <= (tau - q_sq.double()).float().unsqueeze(1)).any(dim=0)  # (M,)
+    keep[first.flatten()] = True  # the first candidates always stay (delta is theirs)
+    cols = keep.nonzero().flatten()
+    if cols.numel() > max_fraction * bounds.shape[1]:
+        return None
+    return _dense_block(p, index, k, budget_bytes, u_mm, cols)
 
 
 def block_rows(n_centres: int, dim: int, budget_bytes: int) -> int:
@@ -225,14 +234,14 @@ def nearest(
     index: SearchIndex,
     k: int,
     budget_bytes: int | None,
-    first: int | None = None,
-    max_fraction: float = 0.25,
+    block: int = PRUNED_BLOCK,
+    max_fraction: float = 0.5,
 ) -> SearchResult:
     """The k nearest centres of every patch, exact: values ascending (N, k) and indices (N, k).
 
-    Pruned when `index.basis` is set, dense otherwise. A block whose rows mostly fail the
-    pruned certificate (more than `max_fraction` of the centres needed) makes the following
-    blocks go dense. `budget_bytes=None`: one loop-free block for export: the expanded form
+    Pruned when `index.basis` is set, dense otherwise. Pruned blocks of `block` patches keep the
+    centres that some patch's bound cannot rule out; a block left with over `max_fraction` of the
+    centres goes dense. `budget_bytes=None`: one loop-free block for export: the expanded form
     ranks, the k winners are recomputed as direct differences, without a certificate.
     """
     m = index.centres.shape[0]
@@ -250,37 +259,23 @@ def nearest(
             idx = torch.topk(approx, k, dim=1, largest=False, sorted=False).indices
             d = exact_sq_distances(p, index.centres, idx)
             v, j = torch.sort(d, dim=1)
-            return SearchResult(v, idx.gather(1, j), SearchStats(n, m, n * k, n))
+            return SearchResult(v, idx.gather(1, j), SearchStats(n, m, n * m, n))
         u_mm = matmul_unit_roundoff(p.device)
         pruning = index.basis is not None
-        step = block_rows(m, p.shape[1], min(budget_bytes, CACHE_BYTES) if pruning else budget_bytes)
+        step = block_rows(m, p.shape[1], budget_bytes)
+        if pruning:
+            step = min(step, block)
         values = torch.empty(n, k, dtype=torch.float32, device=p.device)
         indices = torch.empty(n, k, dtype=torch.int64, device=p.device)
         checked, dense_rows = 0, 0
-        if first is None:
-            first = max(2 * k, math.ceil(m / 128))
-        limit = max(first, int(max_fraction * m))
         for s in range(0, n, step):
-            block = p[s : s + step]
+            rows = p[s : s + step]
+            found = None
             if pruning:
-                v, i, c, left, failed = _pruned_block(
-                    block, index, k, first, limit, budget_bytes, u_mm
-                )
-                checked += c
-                # Adapt the first try to what this block needed: retries re-read the bounds.
-                if failed > block.shape[0] // 4:
-                    first = min(first * 2, limit)
-                elif failed < block.shape[0] // 20:
-                    first = max(first // 2, 2 * k)
-                if left.numel():
-                    dv, di, dc = _dense_block(block[left], index, k, budget_bytes, u_mm)
-                    v[left], i[left] = dv, di
-                    checked += dc
-                    dense_rows += left.numel()
-                    pruning = left.numel() <= block.shape[0] // 2  # mostly failing: stop paying
-            else:
-                v, i, c = _dense_block(block, index, k, budget_bytes, u_mm)
-                checked += c
-                dense_rows += block.shape[0]
-            values[s : s + step], indices[s : s + step] = v, i
+                found = _pruned_block(rows, index, k, max_fraction, budget_bytes, u_mm)
+            if found is None:
+                found = _dense_block(rows, index, k, budget_bytes, u_mm)
+                dense_rows += rows.shape[0]
+            values[s : s + step], indices[s : s + step], c = found
+            checked += c
     return SearchResult(values, indices, SearchStats(n, m, checked, dense_rows))
