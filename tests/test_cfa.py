@@ -96,3 +96,18 @@ def test_unbuilt_bank_is_a_clear_error():
     model = CFA(Backbone("resnet18", pretrained=False), input_size=64)
     with pytest.raises(RuntimeError, match="memory bank is not built"):
         model(torch.rand(1, 3, 64, 64))
+
+
+def test_pruned_search_scores_equal_dense_ones():
+    model, images = _trained_like(256 * 2**20)
+    with torch.no_grad():
+        dense = model(images)
+        model.prune, model.search_dims = True, 8
+        pruned = model(images)
+    assert model.last_search.dense_patches < images.shape[0] * 16 * 24
+    assert torch.equal(pruned.maps, dense.maps)
+
+
+def test_projection_option_outside_range_is_refused():
+    with pytest.raises(ValueError, match=r"1\.\.448"):
+        CFA(Backbone("resnet18", pretrained=False), input_size=64, search_dims=449)

@@ -25,8 +25,9 @@ def test_lite0_on_cookies_is_clearly_better_than_chance(shared_data, tmp_path):
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, verbose=False)
     m = module.test_results
-    # Measured (seed 0, 2 epochs, 256 px, 2-core CPU): image AUROC 1.000, pixel AUROC 0.977,
-    # AUPRO 0.926. The floors leave a margin for platform-dependent float differences.
-    assert m["test/image_AUROC"] >= 0.95
-    assert m["test/pixel_AUROC"] >= 0.95
-    assert m["test/pixel_AUPRO"] >= 0.85
+    # Measured (seed 0, 2 epochs, 256 px, 2-core CPU; also `python -m cfa_lightning.train
+    # +experiment=efficientnet_lite0 data=shared data.category=cookies trainer.max_epochs=2`):
+    # image AUROC 1.000, pixel AUROC 0.9771, AUPRO 0.9260. Floors 0.01 to 0.02 below.
+    assert m["test/image_AUROC"] >= 0.99
+    assert m["test/pixel_AUROC"] >= 0.96
+    assert m["test/pixel_AUPRO"] >= 0.91

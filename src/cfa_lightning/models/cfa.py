@@ -53,7 +53,7 @@ class CFA(nn.Module):
         kmeans_seed: int = 0,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
         search_dims: int | None = None,
-        prune: bool = True,
+        prune: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone

@@ -41,7 +41,7 @@ from torch import Tensor
 
 U32 = 2.0**-24  # unit roundoff of float32
 GROWTH = 4  # candidates multiply by this for the rows that fail the certificate
-PRUNED_BLOCK = 32  # patches per pruned block: neighbours share candidates, so few centres stay
+PRUNED_BLOCK = 64  # patches per pruned block: neighbours share candidates, so few centres stay
 
 
 def gamma(n: int, u: float = U32) -> float:
