@@ -42,10 +42,11 @@ def test_demo_trains_and_tests_end_to_end(demo_run):
     m = result["metrics"]
     assert result["selection"]["rule"] == "last" and result["epochs"] == 2 and result["seed"] == 0
     assert result["backbone"] == "tf_efficientnet_lite0" and result["input_size"] == [96, 96]
-    # Drawn defects with real ImageNet features: measured 1.000 / 0.99 (seed 0); floors with margin.
-    assert m["test/image_AUROC"] >= 0.9
-    assert m["test/pixel_AUROC"] >= 0.9
-    assert m["test/pixel_AUPRO"] >= 0.7
+    # Drawn defects with real ImageNet features, seed 0, this config: measured image AUROC 1.000,
+    # pixel AUROC 0.9903, AUPRO 0.9504 (2-core CPU). Floors 0.01 to 0.02 below.
+    assert m["test/image_AUROC"] >= 0.99
+    assert m["test/pixel_AUROC"] >= 0.975
+    assert m["test/pixel_AUPRO"] >= 0.935
     assert "test/image_AUROC" in proc.stdout  # the metrics table is printed
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "Building memory bank" in proc.stderr  # progress bar for the bank

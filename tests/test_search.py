@@ -26,13 +26,14 @@ def _brute(p, c, k):
     return torch.topk(d, k, dim=1, largest=False, sorted=True)
 
 
-def _trained_like(n=300, m=512, dim=64, rank=8, seed=0):
+def _trained_like(n=300, m=512, dim=64, rank=8, seed=0, group=1):
     """Centres on a low-rank structure far from the origin (||c||^2 in the thousands), and
-    patches close to one centre, as in a trained model."""
+    patches close to one centre, as in a trained model; `group` neighbouring patches share it."""
     g = torch.Generator().manual_seed(seed)
     c = torch.randn(m, rank, generator=g) @ torch.randn(rank, dim, generator=g) * 2 + 5
     c += 0.3 * torch.randn(m, dim, generator=g)
-    p = c[torch.randint(m, (n,), generator=g)] + 0.2 * torch.randn(n, dim, generator=g)
+    near = torch.randint(m, (n // group + 1,), generator=g).repeat_interleave(group)[:n]
+    p = c[near] + 0.2 * torch.randn(n, dim, generator=g)
     return p, c
 
 
@@ -56,8 +57,8 @@ def test_search_equals_brute_force_on_random_and_trained_like(dims):
 
 
 def test_pruning_checks_few_centres_on_trained_like_features():
-    p, c = _trained_like()
-    result = nearest(p, _bank(c).search_index(8), 6, BUDGET)
+    p, c = _trained_like(group=8)  # neighbouring patches look alike, as in an image
+    result = nearest(p, _bank(c).search_index(8), 6, BUDGET, block=8)
     _assert_exact(result, p, c, 6)
     assert result.stats.checked_fraction < 0.3 and result.stats.dense_patches == 0
 

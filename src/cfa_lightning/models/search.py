@@ -108,9 +108,12 @@ def exact_sq_distances(
     p: Tensor, centres: Tensor, idx: Tensor, budget_bytes: int | None = None
 ) -> Tensor:
     """||p_n - c_idx[n, j]||^2 as direct differences in float32: (n, D'), (n, c) -> (n, c)."""
+    if budget_bytes is None:  # one expression, no loop: traceable with a dynamic batch
+        gathered = centres.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], -1)
+        return (p.unsqueeze(1) - gathered).square().sum(dim=-1)
     n, c = idx.shape
     out = torch.empty(n, c, dtype=torch.float32, device=p.device)
-    step = n if budget_bytes is None else max(1, budget_bytes // (8 * max(c * p.shape[1], 1)))
+    step = max(1, budget_bytes // (8 * max(c * p.shape[1], 1)))
     for s in range(0, n, step):
         rows = idx[s : s + step]
         gathered = centres.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (n, c, D')
