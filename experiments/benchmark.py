@@ -205,7 +205,7 @@ def run_cell(cell: dict) -> dict:
 def dense_vs_pruned(model: CFA, train_step, infer_step, iters: int, device) -> dict:
     """Dense and pruned search timed alternately (shared CPUs drift); exactness checked."""
     times = {"dense": [0.0, 0.0], "pruned": [0.0, 0.0]}
-    checked, outputs = [], {}
+    checked = []
     for _ in range(iters):
         for mode in ("dense", "pruned"):
             model.prune = mode == "pruned"
@@ -295,8 +295,10 @@ def main() -> None:
                 print(f"|  |  |  | speed-up | x{f['train_ips'] / n['train_ips']:.2f} | "
                       f"x{f['infer_ips'] / n['infer_ips']:.2f} |  |  |  | "
                       f"x{n['peak_mb'] / f['peak_mb']:.2f} less |  |", flush=True)  # fmt: skip
-    print("\n| backbone | px | batch | k' | centres checked | dense train s | pruned train s | "
-          "train ratio | dense infer s | pruned infer s | infer ratio |")
+    print(
+        "\n| backbone | px | batch | k' | centres checked | dense train s | pruned train s | "
+        "train ratio | dense infer s | pruned infer s | infer ratio |"
+    )
     print("|" + "---|" * 11)
     for r in results:
         if "checked_fraction" in r:

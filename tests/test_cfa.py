@@ -29,7 +29,9 @@ def _trained_like(chunk_bytes):
     torch.manual_seed(1)
     base = torch.rand(1, 3, 64, 96)
     images = (base + 0.02 * torch.randn(5, 3, 64, 96)).clamp(0, 1)
-    model = CFA(Backbone("resnet18", pretrained=False), input_size=(64, 96), chunk_bytes=chunk_bytes)
+    model = CFA(
+        Backbone("resnet18", pretrained=False), input_size=(64, 96), chunk_bytes=chunk_bytes
+    )
     model.bank.update(model.describe(images))
     model.bank.finalize()
     return model, images

@@ -7,7 +7,7 @@ import torch
 
 from cfa_lightning.models import search
 from cfa_lightning.models.memory_bank import MemoryBank
-from cfa_lightning.models.search import gamma, nearest
+from cfa_lightning.models.search import nearest
 
 BUDGET = 32 * 2**20
 

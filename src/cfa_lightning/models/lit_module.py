@@ -342,7 +342,9 @@ class CFALitModule(pl.LightningModule):
         """What the exact pruned search skipped: the share of centres it never measured in full."""
         stats = self.model.last_search
         if stats is not None:
-            self.log(f"{stage}/search_pruned_fraction", stats.pruned_fraction, batch_size=batch_size)
+            self.log(
+                f"{stage}/search_pruned_fraction", stats.pruned_fraction, batch_size=batch_size
+            )
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         out = self.model(batch["image"])

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .search import SearchIndex
 
-VARIANCE_KEPT = 0.9  # auto search_dims: the fewest principal directions that keep this much variance
+VARIANCE_KEPT = 0.9  # auto search_dims: the fewest principal directions keeping this variance
 
 
 def kmeans(
@@ -158,7 +158,8 @@ class MemoryBank(nn.Module):
         if not 1 <= dims <= dim:
             raise ValueError(f"model.search_dims={dims} is outside the valid range 1..{dim} (D')")
         key = (dims,) + tuple(
-            (t.device, t.data_ptr(), t._version) for t in (self.centres, self.basis, self.centre_mean)
+            (t.device, t.data_ptr(), t._version)
+            for t in (self.centres, self.basis, self.centre_mean)
         )
         if self._index_cache.get("key") != key:
             self._index_cache = {"key": key, "index": self._build_index(dims)}

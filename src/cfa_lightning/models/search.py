@@ -7,13 +7,17 @@ One mechanism serves two cheap approximations of d(p, c) = ||p - c||^2:
 - the dense expanded form ||x||^2 + ||y||^2 - 2 x.y (x = p - mu, y = c - mu), whose error under
   TF32/bf16 matmuls, or plain float32 cancellation, can reach the size of the nearest distances.
 
-For a block of patches: take the `c` centres with the smallest approximate value, compute their
-exact float32 distances as direct differences (no cancellation), let delta be the k-th smallest of
-those, and certify the row if every other centre's approximate value exceeds a threshold tau(delta)
+The certificate (`_certify`), per patch: take the `c` centres with the smallest approximate value,
+compute their exact float32 distances as direct differences (no cancellation), let delta be the
+k-th smallest, and accept if every other centre's approximate value exceeds a threshold tau(delta)
 that accounts for all rounding. Then no centre outside the candidates can be among the k nearest,
-and the answer is brute force's, up to exact ties. Rows that fail get 4x more candidates; past
-`limit` candidates the row goes to the dense expanded form, certified the same way; past all
-centres every distance is exact. The returned distances are always the direct differences.
+and the answer is brute force's, up to exact ties. Patches that fail get 4x the candidates, up to
+all centres, where every distance is exact. The returned distances are always direct differences.
+
+Pruned (`_pruned_block`): for a block of neighbouring patches, projected bounds of all centres; a
+first delta per patch from its 2k best-bounded centres, measured exactly; the centres whose bound
+exceeds tau(delta) for every patch of the block are dropped, and the dense expanded form with the
+certificate runs on the others (a large matrix product, not a gather per patch).
 
 Rounding slack (u = 2^-24, u_mm = the matmul's unit roundoff: 2^-24, TF32 2^-11, bf16 2^-8,
 gamma(n) = n u / (1 - n u), a dot product of length n: |fl(a.b) - a.b| <= c_mm(n) ||a|| ||b|| with
@@ -217,8 +221,12 @@ def _pruned_block(p, index: SearchIndex, k, max_fraction, budget_bytes, u_mm):
     # A first delta per patch from its 2k best-bounded centres, measured exactly.
     first = torch.topk(bounds, min(2 * k, bounds.shape[1]), dim=1, largest=False).indices
     delta_hat = exact_sq_distances(p, index.centres, first, budget_bytes).kthvalue(k, dim=1).values
-    tau = projected_threshold(delta_hat, x.square().sum(dim=1).sqrt(), q_sq, index, p.shape[1], u_mm)
-    keep = (bounds <= (tau - q_sq.double()).float().unsqueeze(1)).any(dim=0)  # (M,)
+    tau = projected_threshold(
+        delta_hat, x.square().sum(dim=1).sqrt(), q_sq, index, p.shape[1], u_mm
+    )
+    limit32 = (tau - q_sq.double()).float()  # rounded up below, so no centre is dropped by it
+    limit32 = torch.nextafter(limit32, torch.full_like(limit32, math.inf))
+    keep = (bounds <= limit32.unsqueeze(1)).any(dim=0)  # (M,)
     keep[first.flatten()] = True  # the first candidates always stay (delta is theirs)
     cols = keep.nonzero().flatten()
     if cols.numel() > max_fraction * bounds.shape[1]:
