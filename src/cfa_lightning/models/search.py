@@ -184,7 +184,9 @@ def projected_threshold(
     return (sigma * _delta_up(delta_hat, dim).sqrt() + eps_q) ** 2 + eps_g
 
 
-def _dense_block(p, index: SearchIndex, k, budget_bytes, u_mm, cols: Tensor | None = None):
+def _dense_block(
+    p, index: SearchIndex, k, budget_bytes, u_mm, cols: Tensor | None = None, out=None
+):
     """Expanded form in the matmul's precision, then the certificate; exact for every row.
 
     cols: restrict the search to these centres (the ones a projected bound could not rule out).
@@ -195,14 +197,16 @@ def _dense_block(p, index: SearchIndex, k, budget_bytes, u_mm, cols: Tensor | No
         centres = centres.index_select(0, cols)
     x = p - index.mean  # (n, D')
     x_sq = x.square().sum(dim=1)  # (n,)
-    approx = torch.addmm(centred_sq.unsqueeze(0), x, centred.t(), alpha=-2.0)  # d_tilde - ||x||^2
+    # d_tilde - ||x||^2 (n, M); `out` is a buffer reused by every block: no fresh pages per block
+    approx = torch.addmm(centred_sq.unsqueeze(0), x, centred.t(), alpha=-2.0, out=out)
     dim = p.shape[1]
     eps = dense_slack(x_sq.sqrt(), index, dim, u_mm)  # (n,)
 
     def threshold(delta_hat, rows):
         return _delta_up(delta_hat, dim) + eps[rows] - x_sq[rows].double()
 
-    first = k + max(k, 8)  # a margin of extra candidates in case low precision misranks
+    # A margin of extra candidates: a few in float32, more where TF32/bf16 may misrank.
+    first = k + 4 if u_mm <= U32 else 2 * k + 8
     m = approx.shape[1]
     values, indices, _, left = _certify(approx, p, centres, k, first, m, threshold, budget_bytes)
     assert left.numel() == 0  # with all M candidates every row is certified
@@ -279,13 +283,15 @@ def nearest(
         values = torch.empty(n, k, dtype=torch.float32, device=p.device)
         indices = torch.empty(n, k, dtype=torch.int64, device=p.device)
         checked, dense_rows = 0, 0
+        buffer = None if pruning else torch.empty(min(step, n), m, device=p.device)
         for s in range(0, n, step):
             rows = p[s : s + step]
             found = None
             if pruning:
                 found = _pruned_block(rows, index, k, max_fraction, budget_bytes, u_mm)
             if found is None:
-                found = _dense_block(rows, index, k, budget_bytes, u_mm)
+                out = None if buffer is None else buffer[: rows.shape[0]]
+                found = _dense_block(rows, index, k, budget_bytes, u_mm, out=out)
                 dense_rows += rows.shape[0]
             values[s : s + step], indices[s : s + step], c = found
             checked += c
