@@ -3,15 +3,17 @@ import math
 import pytest
 import torch
 
+from cfa_lightning.models.memory_bank import MemoryBank
 from cfa_lightning.models.scoring import (
+    DEFAULT_CHUNK_BYTES,
     GaussianBlur,
     anomaly_map,
     gaussian_sigma_kernel,
-    nearest_centres,
     patch_scores,
     selected_squared_distances,
     squared_distances,
 )
+from cfa_lightning.models.search import nearest
 
 
 def test_patch_score_by_hand():
@@ -26,22 +28,21 @@ def test_clamp_before_sqrt_gives_no_nan():
     assert torch.isfinite(s).all() and s.item() == 0.0
 
 
+def _nearest(p, c, k):
+    """The project's exact search over a bank holding exactly these centres."""
+    bank = MemoryBank(c.shape[1], 1, c.shape[0])
+    bank.centres.copy_(c)
+    bank.fit_projection()
+    bank.fitted.fill_(True)
+    result = nearest(p, bank.search_index(c.shape[1]), k, DEFAULT_CHUNK_BYTES)
+    return result.values, result.indices
+
+
 def test_identical_features_give_no_nan():
     p = torch.full((5, 8), 3.1234567)
     c = torch.full((6, 8), 3.1234567)
-    values, _ = nearest_centres(p, c, 3)
+    values, _ = _nearest(p, c, 3)
     assert torch.isfinite(patch_scores(values)).all()
-
-
-@pytest.mark.parametrize("budget", [1, 4 * 7 * 8, 10**9])  # 1 row, 2 uneven chunks, all at once
-def test_chunked_topk_matches_full(budget):
-    torch.manual_seed(0)
-    p, c = torch.randn(23, 5), torch.randn(7, 5)
-    values, idx = nearest_centres(p, c, 4, budget_bytes=budget)
-    full = torch.cdist(p, c).pow(2)
-    ref_v, ref_i = torch.topk(full, 4, dim=1, largest=False)
-    assert torch.allclose(values, ref_v, atol=1e-5)
-    assert torch.equal(idx, ref_i)
 
 
 @pytest.mark.parametrize("budget", [1, 500, 10**9])
@@ -49,7 +50,7 @@ def test_selected_distances_value_and_gradient_match_full(budget):
     torch.manual_seed(1)
     p = torch.randn(17, 6, requires_grad=True)
     c = torch.randn(9, 6)
-    _, idx = nearest_centres(p.detach(), c, 4)
+    idx = torch.topk(torch.cdist(p.detach(), c), 4, dim=1, largest=False).indices
     weights = torch.randn(17, 4)
     fast = selected_squared_distances(p, c, idx, budget_bytes=budget)
     (fast * weights).sum().backward()
@@ -59,11 +60,6 @@ def test_selected_distances_value_and_gradient_match_full(budget):
     (ref * weights).sum().backward()
     assert torch.allclose(fast, ref, atol=1e-5)
     assert torch.allclose(g_fast, p.grad, atol=1e-5)
-
-
-def test_too_few_centres_is_a_clear_error():
-    with pytest.raises(ValueError, match="gamma_c"):
-        nearest_centres(torch.zeros(2, 3), torch.zeros(2, 3), 3)
 
 
 def test_anomaly_map_upsamples_blurs_and_keeps_peak():
@@ -91,9 +87,9 @@ def test_blur_matches_torchvision_gaussian_blur():
 def test_distances_stay_float32_under_bf16_autocast():
     torch.manual_seed(2)
     p, c = torch.randn(40, 16), torch.randn(12, 16)
-    ref_v, ref_i = nearest_centres(p, c, 3)
+    ref_v, ref_i = _nearest(p, c, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        v, i = nearest_centres(p.bfloat16(), c, 3)
+        v, i = _nearest(p.bfloat16(), c, 3)
         d = selected_squared_distances(p.bfloat16().requires_grad_(), c, ref_i)
     assert v.dtype == torch.float32 and d.dtype == torch.float32
     # only the bf16 rounding of the inputs differs, not a bf16 accumulation of the product

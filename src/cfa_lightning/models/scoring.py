@@ -16,11 +16,6 @@ def float32_distances(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def chunk_rows(n_centres: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Number of patches whose float32 distances to all centres fit in the budget."""
-    return max(1, budget_bytes // (4 * max(n_centres, 1)))
-
-
 def squared_distances(p: Tensor, centres: Tensor, centres_sq: Tensor | None = None) -> Tensor:
     """d = ||p||^2 + ||c||^2 - 2 p.c in float32: (N, D'), (M, D') -> (N, M). May be slightly < 0."""
     with float32_distances(p):
@@ -30,51 +25,6 @@ def squared_distances(p: Tensor, centres: Tensor, centres_sq: Tensor | None = No
             centres_sq = centres.pow(2).sum(dim=1)
         d = torch.addmm(centres_sq.unsqueeze(0), p, centres.t(), beta=1.0, alpha=-2.0)  # (N, M)
         return d + p.pow(2).sum(dim=1, keepdim=True)
-
-
-@torch.no_grad()
-def nearest_centres(
-    p: Tensor, centres: Tensor, k: int, budget_bytes: int | None = DEFAULT_CHUNK_BYTES
-) -> tuple[Tensor, Tensor]:
-    """The k smallest squared distances of every patch, ascending, and their centre indices.
-
-    p: (N, D'), centres: (M, D') -> values (N, k) float32, indices (N, k) int64. Computed in
-    chunks of patches so peak memory is bounded by `budget_bytes`, whatever N and M are
-    (`None`: one block, a graph without loops for export). The per-patch constant ||p||^2 does
-    not change the ranking, so it is added to the k winners only.
-    """
-    if k > centres.shape[0]:
-        raise ValueError(
-            f"need {k} nearest centres but the memory bank holds only {centres.shape[0]}; "
-            "lower model.gamma_c or model.K / model.J"
-        )
-    with float32_distances(p):
-        centres = centres.float()
-        centres_sq = centres.pow(2).sum(dim=1).unsqueeze(0)  # (1, M)
-        if budget_bytes is None:
-            return _nearest_block(p.float(), centres, centres_sq, k)
-        step = chunk_rows(centres.shape[0], budget_bytes)
-        values = torch.empty(p.shape[0], k, dtype=torch.float32, device=p.device)
-        indices = torch.empty(p.shape[0], k, dtype=torch.int64, device=p.device)
-        # One block buffer reused by every chunk: no fresh allocation (and page faults) per chunk.
-        block = torch.empty(min(step, p.shape[0]), centres.shape[0], device=p.device)
-        for s in range(0, p.shape[0], step):
-            values[s : s + step], indices[s : s + step] = _nearest_block(
-                p[s : s + step].float(),
-                centres,
-                centres_sq,
-                k,
-                out=block[: p[s : s + step].shape[0]],
-            )
-    return values, indices
-
-
-def _nearest_block(
-    p: Tensor, centres: Tensor, centres_sq: Tensor, k: int, out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    partial = torch.addmm(centres_sq, p, centres.t(), alpha=-2.0, out=out)  # (n, M): d - ||p||^2
-    v, i = torch.topk(partial, k, dim=1, largest=False, sorted=True)
-    return v + p.pow(2).sum(dim=1, keepdim=True), i
 
 
 class _SelectedSquaredDistance(torch.autograd.Function):
