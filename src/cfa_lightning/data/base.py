@@ -8,6 +8,7 @@ folder), never from the test set (see the evaluation protocol in ``cfa_spec.md``
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-class AnomalyDataModule(pl.LightningDataModule):
+class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
     """Train, bank, validation and test loaders over the samples :meth:`scan` lists.
 
     ``val_anomalies="synthetic"`` scores every validation image as it is and with synthetic
@@ -112,9 +113,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: MVTecDataset | None = None
 
+    @abc.abstractmethod
     def scan(self) -> tuple[list[Sample], list[Sample], list[Sample]]:
         """(train, val, test) samples; val never holds a test image."""
-        raise NotImplementedError
 
     @property
     def has_masks(self) -> bool:
