@@ -48,8 +48,7 @@ def check_ray_address(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOU
         return  # a local Ray is started (or found) by ray.init itself
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()  # reachable?
         if not address.startswith("ray://"):  # a Ray Client server is not a GCS
             _probe_gcs(address, timeout_s)
     except (OSError, ValueError, RuntimeError) as err:
