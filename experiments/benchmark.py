@@ -8,7 +8,8 @@ each fast cell checks that its scores and loss gradients match the naive path on
 Weights are random (speed does not depend on them): nothing is downloaded.
 
 Dense vs pruned search (models/search.py): every fast cell also times the pruned search in the
-same process, alternating with the dense one, and reports the mean fraction of centres checked.
+same process, alternating with the dense one, and reports k' (projected dimensions), G (centre
+groups) and the mean fraction of centres whose distance was computed.
 The fraction depends on the features, so with `--real DIR` (an MVTec-style category, e.g.
 ../shared/data/cookies) the bank is built from its first 8 train images, the descriptor trains
 `--train-steps` AdamW steps (batch 4) on them, and the cells time its test images; lite0 then
@@ -217,7 +218,8 @@ def dense_vs_pruned(model: CFA, train_step, infer_step, iters: int, device) -> d
     out = {"dense_train_s": times["dense"][0], "dense_infer_s": times["dense"][1],
            "pruned_train_s": times["pruned"][0], "pruned_infer_s": times["pruned"][1],
            "checked_fraction": sum(checked) / len(checked),
-           "search_dims": int(model.bank.search_dims)}  # fmt: skip
+           "search_dims": int(model.bank.search_dims),
+           "search_groups": int(model.bank.group_of.max()) + 1}  # fmt: skip
     return out
 
 
@@ -253,8 +255,10 @@ def main() -> None:
     batches = args.batches or plan["batches"]
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads")  # fmt: skip
+    weights = (f"bank and {args.train_steps} descriptor steps on {args.real}, lite0 ImageNet weights, "
+               "ResNets random" if args.real else "random weights")  # fmt: skip
     print(f"# CFA speed benchmark on {machine}; torch {torch.__version__}; precision {args.precision}; "
-          f"random weights; gamma_c = gamma_d = 1; peak memory = "
+          f"{weights}; gamma_c = gamma_d = 1; peak memory = "
           f"{'max allocated' if args.device == 'cuda' else 'peak RSS of the process'}\n")  # fmt: skip
     header = ("backbone", "px", "batch", "path", "train img/s", "infer img/s", "train GFLOP/s",
               "infer GFLOP/s", "dist. share", "peak MB", "max rel. diff vs naive (scores / grads)")  # fmt: skip
@@ -296,13 +300,13 @@ def main() -> None:
                       f"x{f['infer_ips'] / n['infer_ips']:.2f} |  |  |  | "
                       f"x{n['peak_mb'] / f['peak_mb']:.2f} less |  |", flush=True)  # fmt: skip
     print(
-        "\n| backbone | px | batch | k' | centres checked | dense train s | pruned train s | "
+        "\n| backbone | px | batch | k' | G | centres checked | dense train s | pruned train s | "
         "train ratio | dense infer s | pruned infer s | infer ratio |"
     )
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 12)
     for r in results:
         if "checked_fraction" in r:
-            print(f"| {r['backbone']} | {r['size']} | {r['batch']} | {r['search_dims']} | "
+            print(f"| {r['backbone']} | {r['size']} | {r['batch']} | {r['search_dims']} | {r['search_groups']} | "
                   f"{r['checked_fraction']:.1%} | {r['dense_train_s']:.2f} | {r['pruned_train_s']:.2f} | "
                   f"x{r['dense_train_s'] / r['pruned_train_s']:.2f} | {r['dense_infer_s']:.2f} | "
                   f"{r['pruned_infer_s']:.2f} | x{r['dense_infer_s'] / r['pruned_infer_s']:.2f} |")  # fmt: skip

@@ -47,7 +47,7 @@ def test_fast_loss_matches_naive_in_value_and_gradients(chunk_bytes, features):
             # Neighbouring centres of an untrained net can be exactly equidistant from a patch; a
             # tie at the K + J boundary makes the gradient ambiguous: break ties with some noise.
             model.bank.centres.add_(1e-2 * torch.randn_like(model.bank.centres))
-            model.bank.fit_projection()
+            model.bank.fit_search()
     else:
         model, images = _trained_like(chunk_bytes)
     with torch.no_grad():
@@ -108,6 +108,22 @@ def test_pruned_search_scores_equal_dense_ones():
         pruned = model(images)
     assert model.last_search.dense_patches < images.shape[0] * 16 * 24
     assert torch.equal(pruned.maps, dense.maps)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_kmeans_bank_pruned_search_matches_dense_in_loss_and_maps(prune):
+    # gamma_c > 1: the centres are k-means centres, the groups a k-means of those.
+    model, images = _fitted(gamma_c=3, seed=2)
+    with torch.no_grad():
+        model.bank.centres.add_(1e-2 * torch.randn_like(model.bank.centres))  # no exact ties
+        model.bank.fit_search()
+        maps = model(images).maps
+    loss_dense, _ = model.loss(images)
+    model.prune = prune
+    loss, _ = model.loss(images)
+    with torch.no_grad():
+        assert torch.equal(model(images).maps, maps)
+    assert torch.equal(loss, loss_dense)
 
 
 def test_projection_option_outside_range_is_refused():

@@ -46,7 +46,9 @@ def test_bank_gamma_c_compresses_and_is_a_buffer():
     bank.finalize()
     state = bank.state_dict()
     # the search's principal directions travel with the centres (models/search.py)
-    assert set(state) == {"centres", "fitted", "centre_mean", "basis", "basis_norm", "search_dims"}
+    assert set(state) == {
+        "centres", "fitted", "centre_mean", "basis", "basis_norm", "search_dims", "group_of"
+    }  # fmt: skip
     restored = MemoryBank(dim=2, height=4, width=4, gamma_c=4)
     restored.load_state_dict(state)
     assert torch.equal(restored.centres, bank.centres) and bool(restored.fitted)

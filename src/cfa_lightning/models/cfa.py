@@ -53,6 +53,7 @@ class CFA(nn.Module):
         kmeans_seed: int = 0,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
         search_dims: int | None = None,
+        search_groups: int | None = None,
         prune: bool = False,
     ) -> None:
         super().__init__()
@@ -73,7 +74,9 @@ class CFA(nn.Module):
         self.last_search: SearchStats | None = None  # what the last nearest-centre search did
         with torch.no_grad():  # (h, w) of the first tap at this input size
             h, w = backbone(torch.zeros(1, 3, *self.input_size))[0].shape[-2:]
-        self.bank = MemoryBank(self.descriptor.out_dim, h, w, gamma_c=gamma_c, seed=kmeans_seed)
+        self.bank = MemoryBank(
+            dim, h, w, gamma_c=gamma_c, seed=kmeans_seed, search_groups=search_groups
+        )
         if self.bank.n_centres < K + J:
             raise ValueError(
                 f"model.K + model.J = {K + J} exceeds the {self.bank.n_centres} centres of the bank; "
@@ -140,9 +143,9 @@ class CFA(nn.Module):
 
     def nearest(self, p: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Exact k nearest centres of (N, D') patches: squared distances (direct differences,
-        float32, ascending) and indices, both (N, k). Pruned by the bank's principal directions
-        unless `prune` is off or k' = D'; see search.py."""
-        dims = self.search_dims if self.prune else p.shape[1]
-        result = nearest(p, self.bank.search_index(dims), k, self.chunk_bytes)
+        float32, ascending) and indices, both (N, k). With `prune`, centre groups and principal
+        directions of the bank rule most centres out first; see search.py."""
+        index = self.bank.search_index(pruned=self.prune, dims=self.search_dims)
+        result = nearest(p, index, k, self.chunk_bytes)
         self.last_search = result.stats
         return result.values, result.indices

@@ -69,6 +69,7 @@ class CFALitModule(pl.LightningModule):
         val_pixel_stride: int = 2,
         compile: bool = False,
         search_dims: int | None = None,
+        search_groups: int | None = None,
         prune: bool = False,
     ) -> None:
         super().__init__()
@@ -90,6 +91,7 @@ class CFALitModule(pl.LightningModule):
             kmeans_seed=kmeans_seed,
             chunk_bytes=chunk_mb * 2**20,
             search_dims=search_dims,
+            search_groups=search_groups,
             prune=prune,
         )
         self.val_metrics = AnomalyMetrics(pixel=True)
@@ -196,7 +198,7 @@ class CFALitModule(pl.LightningModule):
         bank.finalize(total_sum, total_count)
         if world > 1:
             torch.distributed.broadcast(bank.centres, src=0)
-            bank.fit_projection()  # the search's basis follows rank 0's centres
+            bank.fit_search()  # the search's basis and groups follow rank 0's centres
         rank_zero_info(
             f"memory bank built from {n_images} training images: {tuple(bank.centres.shape)} centres"
         )

@@ -14,10 +14,17 @@ that accounts for all rounding. Then no centre outside the candidates can be amo
 and the answer is brute force's, up to exact ties. Patches that fail get 4x the candidates, up to
 all centres, where every distance is exact. The returned distances are always direct differences.
 
-Pruned (`_pruned_block`): for a block of neighbouring patches, projected bounds of all centres; a
-first delta per patch from its 2k best-bounded centres, measured exactly; the centres whose bound
-exceeds tau(delta) for every patch of the block are dropped, and the dense expanded form with the
-certificate runs on the others (a large matrix product, not a gather per patch).
+Pruned (`_pruned_chunk`, `model.prune=true`): the centres are grouped by k-means once, when the
+bank is built. Patches whose nearest group mean is the same form a block, and per block:
+1. the patches' exact-bounded distances to their own group give delta_up, an upper bound on each
+   patch's k-th distance;
+2. the triangle inequality ||p - c|| >= ||p - mu_g|| - r_g (r_g the group's radius) drops every
+   group that no patch of the block can reach within delta_up;
+3. the projected bound drops, among the centres left, those that no patch can reach;
+4. the dense certified search runs on the centres that remain (one matrix product per block).
+A block left with over `max_fraction` of the centres runs dense. The projected bound alone needs
+an (n, M) pass whose write, top-k and compare cost about as much as the dense product on a CPU;
+the groups bound all centres at an (n, G) cost first.
 
 Rounding slack (u = 2^-24, u_mm = the matmul's unit roundoff: 2^-24, TF32 2^-11, bf16 2^-8,
 gamma(n) = n u / (1 - n u), a dot product of length n: |fl(a.b) - a.b| <= c_mm(n) ||a|| ||b|| with
@@ -27,11 +34,15 @@ c_mm(n) = 2 u_mm + u_mm^2 + gamma(n)):
 - dense expanded form: |d_tilde - d| <= eps = (c_mm(D') + gamma(D' + 6)) (||x_hat|| + Y)^2, Y =
   max ||y||; the 6 covers the two norms, the additions and the rounding of x = p - mu.
   Certified when d_tilde - eps > delta_up for every non-candidate.
+- group bound: d_g = ||x_hat - fl(mu_g - mu)||^2 in the expanded form is off by at most eps_G =
+  (c_mm(D') + gamma(D' + 6)) (||x_hat|| + Y_g)^2, Y_g = max ||fl(mu_g - mu)||; r_g is measured in
+  float64 from that same group point. A group is out if (sqrt(d_g - eps_G) - r_g)^2 > delta_up.
 - projected bound: q = fl(W^T x) is off from W^T x by at most sigma (sqrt(k) c_mm(D') + 2u) ||x_hat||
   (+ 3 u sigma Y for the stored projected centres), call that eps_q; the expanded form in k dims
   adds eps_g = gamma(k + 4) (||q|| + Q)^2, Q = max ||q_c||. From ||W^T(p - c)|| >= sqrt(L_hat -
   eps_g) - eps_q and ||W^T(p - c)|| <= sigma sqrt(d): a centre is out if
   L_hat > (sigma sqrt(delta_up) + eps_q)^2 + eps_g.
+- delta_up from the own group's expanded form: the k-th smallest d_tilde plus eps (the dense one).
 Thresholds are evaluated in float64, so comparing them with the float32 values adds no rounding.
 """
 
@@ -45,7 +56,6 @@ from torch import Tensor
 
 U32 = 2.0**-24  # unit roundoff of float32
 GROWTH = 4  # candidates multiply by this for the rows that fail the certificate
-PRUNED_BLOCK = 64  # patches per pruned block: neighbours share candidates, so few centres stay
 
 
 def gamma(n: int, u: float = U32) -> float:
@@ -66,6 +76,17 @@ def dot_error(n: int, u_mm: float) -> float:
     return 2 * u_mm + u_mm * u_mm + gamma(n)
 
 
+class CentreGroups(NamedTuple):
+    """A partition of the centres for the triangle-inequality bound (`memory_bank.build_groups`)."""
+
+    group_of: Tensor  # (M,) group of each centre, 0..G-1
+    members: tuple[Tensor, ...]  # G index tensors
+    centred: Tensor  # (G, D') fl(mu_g - mu)
+    centred_sq: Tensor  # (G,)
+    centred_max: float  # Y_g = max ||fl(mu_g - mu)||
+    radius: Tensor  # (G,) float64 r_g = max ||c - mu_g|| over the group's centres
+
+
 class SearchIndex(NamedTuple):
     """What the search needs from a memory bank (see `MemoryBank.search_index`)."""
 
@@ -74,7 +95,8 @@ class SearchIndex(NamedTuple):
     centred: Tensor  # (M, D') y = c - mu
     centred_sq: Tensor  # (M,) ||y||^2
     centred_max: float  # Y = max ||y||
-    basis: Tensor | None  # (D', k) W, or None for the dense search
+    groups: CentreGroups | None  # None for the dense search
+    basis: Tensor | None  # (D', k) W, or None: no projected bound
     projected: Tensor | None  # (M, k) W^T y
     projected_sq: Tensor | None  # (M,) ||W^T y||^2
     projected_max: float  # Q = max ||W^T y||
@@ -164,24 +186,25 @@ def _delta_up(delta_hat: Tensor, dim: int) -> Tensor:
     return delta_hat.double() * (1.0 + 2.0 * gamma(dim + 2))
 
 
-def dense_slack(x_norm: Tensor, index: SearchIndex, dim: int, u_mm: float) -> Tensor:
-    """eps (n,): the expanded form's error bound |d_tilde - d| for patches with ||x_hat|| = x_norm."""
+def dense_slack(x_norm: Tensor, centred_max: float, dim: int, u_mm: float) -> Tensor:
+    """eps (n,) float64: the expanded form's error bound |d_tilde - d| for patches with ||x_hat||
+    = x_norm against points y with ||y|| <= centred_max."""
     coef = dot_error(dim, u_mm) + gamma(dim + 6)
-    return coef * (x_norm.double() + index.centred_max) ** 2
+    return coef * (x_norm.double() + centred_max) ** 2
 
 
 def projected_threshold(
-    delta_hat: Tensor, x_norm: Tensor, q_sq: Tensor, index: SearchIndex, dim: int, u_mm: float
+    delta_up: Tensor, x_norm: Tensor, q_sq: Tensor, index: SearchIndex, dim: int, u_mm: float
 ) -> Tensor:
     """tau (n,) float64: a centre whose computed projected bound L_hat exceeds tau is farther than
-    the patch's k-th distance delta (computed delta_hat). tau - delta_hat is the rounding slack."""
+    delta_up, an upper bound on the patch's k-th distance. tau - delta_up is the rounding slack."""
     sigma, dims = index.sigma, index.basis.shape[1]
     eps_q = sigma * (
         (math.sqrt(dims) * dot_error(dim, u_mm) + 2 * U32) * x_norm.double()
         + 3 * U32 * index.centred_max
     )
     eps_g = gamma(dims + 4) * (q_sq.double().sqrt() + index.projected_max) ** 2
-    return (sigma * _delta_up(delta_hat, dim).sqrt() + eps_q) ** 2 + eps_g
+    return (sigma * delta_up.double().sqrt() + eps_q) ** 2 + eps_g
 
 
 def _dense_block(
@@ -200,7 +223,7 @@ def _dense_block(
     # d_tilde - ||x||^2 (n, M); `out` is a buffer reused by every block: no fresh pages per block
     approx = torch.addmm(centred_sq.unsqueeze(0), x, centred.t(), alpha=-2.0, out=out)
     dim = p.shape[1]
-    eps = dense_slack(x_sq.sqrt(), index, dim, u_mm)  # (n,)
+    eps = dense_slack(x_sq.sqrt(), index.centred_max, dim, u_mm)  # (n,)
 
     def threshold(delta_hat, rows):
         return _delta_up(delta_hat, dim) + eps[rows] - x_sq[rows].double()
@@ -215,27 +238,71 @@ def _dense_block(
     return values, indices, p.shape[0] * m  # the expanded form is a full-cost look at every centre
 
 
-def _pruned_block(p, index: SearchIndex, k, max_fraction, budget_bytes, u_mm):
-    """Projected lower bounds rule out centres for the whole block; the dense certified search
-    runs on the rest. Returns None when too many centres remain for pruning to pay."""
+def _pruned_chunk(p, index: SearchIndex, k, max_fraction, budget_bytes, u_mm):
+    """Group and projected bounds rule out centres per block of patches that share their nearest
+    group; the certified dense search runs on the rest. Returns values, indices, checked, and
+    the number of patches that ran dense."""
+    groups, m, dim = index.groups, index.centres.shape[0], p.shape[1]
     x = p - index.mean  # (n, D')
-    q = x @ index.basis  # (n, k')
-    q_sq = q.square().sum(dim=1)
-    bounds = torch.addmm(index.projected_sq.unsqueeze(0), q, index.projected.t(), alpha=-2.0)
-    # A first delta per patch from its 2k best-bounded centres, measured exactly.
-    first = torch.topk(bounds, min(2 * k, bounds.shape[1]), dim=1, largest=False).indices
-    delta_hat = exact_sq_distances(p, index.centres, first, budget_bytes).kthvalue(k, dim=1).values
-    tau = projected_threshold(
-        delta_hat, x.square().sum(dim=1).sqrt(), q_sq, index, p.shape[1], u_mm
-    )
-    limit32 = (tau - q_sq.double()).float()  # rounded up below, so no centre is dropped by it
-    limit32 = torch.nextafter(limit32, torch.full_like(limit32, math.inf))
-    keep = (bounds <= limit32.unsqueeze(1)).any(dim=0)  # (M,)
-    keep[first.flatten()] = True  # the first candidates always stay (delta is theirs)
-    cols = keep.nonzero().flatten()
-    if cols.numel() > max_fraction * bounds.shape[1]:
-        return None
-    return _dense_block(p, index, k, budget_bytes, u_mm, cols)
+    to_group = torch.addmm(groups.centred_sq.unsqueeze(0), x, groups.centred.t(), alpha=-2.0)
+    nearest_group = to_group.argmin(dim=1)
+    # Patches sorted by nearest group: every block below is a slice, not a gather.
+    order = torch.argsort(nearest_group, stable=True)
+    counts = torch.bincount(nearest_group, minlength=len(groups.members)).tolist()
+    p, x, to_group = p[order], x[order], to_group[order]
+    x_sq = x.square().sum(dim=1)
+    x_norm = x_sq.double().sqrt()
+    eps = dense_slack(x_norm, index.centred_max, dim, u_mm)  # the centres' expanded form
+    # The triangle inequality's lower bound on d(p, c) for the centres of each group (n, G).
+    d_group = to_group.double() + x_sq.double().unsqueeze(1)
+    d_group -= dense_slack(x_norm, groups.centred_max, dim, u_mm).unsqueeze(1)
+    reach = (d_group.clamp_min(0).sqrt() - groups.radius.unsqueeze(0)).clamp_min(0).square()
+    if index.basis is not None:
+        q = x @ index.basis  # (n, k')
+        q_sq = q.square().sum(dim=1)
+        tau = None
+    n = p.shape[0]
+    values = torch.empty(n, k, dtype=torch.float32, device=p.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=p.device)
+    checked, dense, start = 0, [], 0
+    for count, own in zip(counts, groups.members, strict=True):
+        rows, start = slice(start, start + count), start + count
+        if count == 0:
+            continue
+        delta_up = torch.full((count,), math.inf, dtype=torch.float64, device=p.device)
+        if own.numel() >= k:  # upper bound on the k-th distance from the own group, exactly bounded
+            approx = torch.addmm(index.centred_sq[own].unsqueeze(0), x[rows],
+                                 index.centred[own].t(), alpha=-2.0)  # fmt: skip
+            delta_up = approx.kthvalue(k, dim=1).values.double() + x_sq[rows].double() + eps[rows]
+        keep = (reach[rows] <= delta_up.unsqueeze(1)).any(dim=0)  # (G,) groups some patch reaches
+        cols = keep[groups.group_of].nonzero().flatten()  # (c,) their centres
+        if index.basis is not None and cols.numel() > k:
+            tau = projected_threshold(delta_up, x_norm[rows], q_sq[rows], index, dim, u_mm)
+            limit32 = (tau - q_sq[rows].double()).float()  # rounded up: no centre dropped by it
+            limit32 = torch.nextafter(limit32, torch.full_like(limit32, math.inf))
+            bound = torch.addmm(
+                index.projected_sq[cols].unsqueeze(1),
+                index.projected[cols],
+                q[rows].t(),
+                alpha=-2.0,
+            )  # fmt: skip  (c, rows)
+            cols = cols[(bound <= limit32.unsqueeze(0)).any(dim=1)]
+        if cols.numel() > max_fraction * m or cols.numel() < k:  # too many left: dense, below
+            dense.append(rows)
+            continue
+        values[rows], indices[rows], c = _dense_block(p[rows], index, k, budget_bytes, u_mm, cols)
+        checked += c
+    if dense:  # the blocks that went dense, together: large products, few calls
+        rows = torch.cat([torch.arange(r.start, r.stop, device=p.device) for r in dense])
+        step = block_rows(m, dim, budget_bytes)
+        for s in range(0, rows.numel(), step):
+            part = rows[s : s + step]
+            values[part], indices[part], c = _dense_block(p[part], index, k, budget_bytes, u_mm)
+            checked += c
+    out_v, out_i = torch.empty_like(values), torch.empty_like(indices)
+    out_v[order], out_i[order] = values, indices
+    dense_rows = sum(r.stop - r.start for r in dense)
+    return out_v, out_i, checked, dense_rows
 
 
 def block_rows(n_centres: int, dim: int, budget_bytes: int) -> int:
@@ -249,15 +316,14 @@ def nearest(
     index: SearchIndex,
     k: int,
     budget_bytes: int | None,
-    block: int = PRUNED_BLOCK,
     max_fraction: float = 0.5,
 ) -> SearchResult:
     """The k nearest centres of every patch, exact: values ascending (N, k) and indices (N, k).
 
-    Pruned when `index.basis` is set, dense otherwise. Pruned blocks of `block` patches keep the
-    centres that some patch's bound cannot rule out; a block left with over `max_fraction` of the
-    centres goes dense. `budget_bytes=None`: one loop-free block for export: the expanded form
-    ranks, the k winners are recomputed as direct differences, without a certificate.
+    Pruned when `index.groups` is set, dense otherwise; a pruned block left with over
+    `max_fraction` of the centres runs dense. `budget_bytes=None`: one loop-free block for
+    export: the expanded form ranks, the k winners are recomputed as direct differences, without
+    a certificate.
     """
     m = index.centres.shape[0]
     if k > m:
@@ -276,23 +342,28 @@ def nearest(
             v, j = torch.sort(d, dim=1)
             return SearchResult(v, idx.gather(1, j), SearchStats(n, m, n * m, n))
         u_mm = matmul_unit_roundoff(p.device)
-        pruning = index.basis is not None
-        step = block_rows(m, p.shape[1], budget_bytes)
-        if pruning:
-            step = min(step, block)
         values = torch.empty(n, k, dtype=torch.float32, device=p.device)
         indices = torch.empty(n, k, dtype=torch.int64, device=p.device)
         checked, dense_rows = 0, 0
-        buffer = None if pruning else torch.empty(min(step, n), m, device=p.device)
+        if index.groups is not None:
+            # Per chunk: (n, G) group distances and bounds, (n, k') projections; blocks inside.
+            width = len(index.groups.members) * 3 + (
+                index.basis.shape[1] if index.basis is not None else 0
+            )
+            step = max(1, budget_bytes // (8 * (width + p.shape[1])))
+            for s in range(0, n, step):
+                v, i, c, d = _pruned_chunk(
+                    p[s : s + step], index, k, max_fraction, budget_bytes, u_mm
+                )
+                values[s : s + step], indices[s : s + step] = v, i
+                checked, dense_rows = checked + c, dense_rows + d
+            return SearchResult(values, indices, SearchStats(n, m, checked, dense_rows))
+        step = block_rows(m, p.shape[1], budget_bytes)
+        buffer = torch.empty(min(step, n), m, device=p.device)
         for s in range(0, n, step):
             rows = p[s : s + step]
-            found = None
-            if pruning:
-                found = _pruned_block(rows, index, k, max_fraction, budget_bytes, u_mm)
-            if found is None:
-                out = None if buffer is None else buffer[: rows.shape[0]]
-                found = _dense_block(rows, index, k, budget_bytes, u_mm, out=out)
-                dense_rows += rows.shape[0]
+            found = _dense_block(rows, index, k, budget_bytes, u_mm, out=buffer[: rows.shape[0]])
             values[s : s + step], indices[s : s + step], c = found
             checked += c
+        dense_rows = n
     return SearchResult(values, indices, SearchStats(n, m, checked, dense_rows))
