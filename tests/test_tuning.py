@@ -58,3 +58,23 @@ def test_two_trial_optuna_sweep_on_the_demo(tmp_path):
     assert command.startswith("python -m cfa_lightning.train +experiment=demo")
     assert "sweep=tune" not in command and f"model.K={best['best_params']['model.K']}" in command
     assert (tmp_path / "study.db").is_file()  # the study is stored: a second sweep resumes it
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_and_the_optuna_study_goes_on(tmp_path):
+    # Tap 9 does not exist in resnet18: that trial raises, Optuna records it as failed (a NaN
+    # would have stopped the study with an unrelated "Values were told" error).
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    small = [o for o in SMALL if not o.startswith("trainer.max_epochs")]
+    run("cfa_lightning.train", "-m", "+experiment=demo", "+sweep=tune", f"data.root={tmp_path / 'data'}",
+        *small, "data.val_fraction=0.34", "trainer.max_epochs=1", "model.gamma_c=4",
+        "backbone.out_indices=choice([2,3],[1,2,9])",  # the seeded TPE draws both in 2 trials
+        "hydra.sweeper.n_trials=2", "logger=csv", "callbacks=none", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    with (sweep / "trials.csv").open() as f:
+        trials = {t["param:backbone.out_indices"]: t for t in csv.DictReader(f)}
+    assert trials["[1,2,9]"]["status"] == "failed" and trials["[2,3]"]["status"] == "ok"
+    best = json.loads((sweep / "best.json").read_text())
+    assert best["best_params"]["backbone.out_indices"] == "[2,3]"  # as the plugin stores it
+    status = json.loads((sweep / "sweep_status.json").read_text())
+    assert status["n_failed"] == 1

@@ -21,6 +21,7 @@ __all__ = [
     "BestValCheckpoint",
     "check_objective",
     "require_sweeper_plugin",
+    "selects",
     "sweeper_target",
 ]
 
@@ -39,11 +40,16 @@ def sweeper_target() -> str | None:
     return None if sweeper is None else sweeper.get("_target_")
 
 
+def selects(sweeper: str | None) -> bool:
+    """Whether a sweeper (its ``_target_``) chooses trials or a winner by the returned value."""
+    return bool(sweeper) and any(name in sweeper.lower() for name in SELECTING_SWEEPERS)
+
+
 def check_objective(metric: str | None, sweeper: str | None) -> None:
     """Refuse a test-set objective under a sweeper that selects on it."""
     if not metric or not str(metric).startswith("test/") or not sweeper:
         return
-    if any(name in sweeper.lower() for name in SELECTING_SWEEPERS):
+    if selects(sweeper):
         raise ValueError(
             f"optimized_metric={metric} with the sweeper {sweeper}: that sweeper selects "
             "hyper-parameters by the value it gets back, so it would tune on the test set and "

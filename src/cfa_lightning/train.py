@@ -20,6 +20,7 @@ from .selection import (
     check_objective,
     check_selection,
     require_sweeper_plugin,
+    selects,
     sweeper_target,
 )
 from .utils import (
@@ -122,22 +123,27 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
 @exits_on_checkpoint_error
 def _hydra_main(cfg: DictConfig) -> Any:
     objective = cfg.get("optimized_metric")
-    check_objective(objective, sweeper_target())  # before any work: never tune on the test set
+    sweeper = sweeper_target()
+    check_objective(objective, sweeper)  # before any work: never tune on the test set
     try:
         metrics = train(cfg)
     except Exception as err:
         record_failure(cfg, err)
-        if not is_multirun():
+        # Optuna records a trial that raises as failed and goes on (+sweep=tune sets
+        # max_failure_rate); a NaN it cannot record, and its sweep stops on its own error.
+        if not is_multirun() or selects(sweeper):
             raise
         # In a sweep, one failing job must not stop the others: report it and go on.
         log.exception("sweep job failed; the sweep goes on")
         return math.nan
     if objective and objective not in metrics and is_multirun():
-        log.warning(
-            "optimized_metric=%s was not computed in this job (validation metrics need "
-            "data.val_anomalies=synthetic or a validation folder with anomalies); returning NaN",
-            objective,
+        missing = (
+            f"optimized_metric={objective} was not computed in this job (validation metrics "
+            "need data.val_anomalies=synthetic or a validation folder with anomalies)"
         )
+        if selects(sweeper):
+            raise ValueError(f"{missing}; the sweeper has nothing to select by")
+        log.warning("%s; returning NaN", missing)
     return metrics.get(objective, math.nan)
 
 
