@@ -260,7 +260,6 @@ def _pruned_chunk(p, index: SearchIndex, k, max_fraction, budget_bytes, u_mm):
     if index.basis is not None:
         q = x @ index.basis  # (n, k')
         q_sq = q.square().sum(dim=1)
-        tau = None
     n = p.shape[0]
     values = torch.empty(n, k, dtype=torch.float32, device=p.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=p.device)
@@ -280,18 +279,24 @@ def _pruned_chunk(p, index: SearchIndex, k, max_fraction, budget_bytes, u_mm):
             tau = projected_threshold(delta_up, x_norm[rows], q_sq[rows], index, dim, u_mm)
             limit32 = (tau - q_sq[rows].double()).float()  # rounded up: no centre dropped by it
             limit32 = torch.nextafter(limit32, torch.full_like(limit32, math.inf))
-            bound = torch.addmm(
-                index.projected_sq[cols].unsqueeze(1),
-                index.projected[cols],
-                q[rows].t(),
-                alpha=-2.0,
-            )  # fmt: skip  (c, rows)
-            cols = cols[(bound <= limit32.unsqueeze(0)).any(dim=1)]
+            reached = torch.zeros(cols.numel(), dtype=torch.bool, device=p.device)
+            step = block_rows(cols.numel(), dim, budget_bytes)  # (cols, rows) within the budget
+            for s in range(rows.start, rows.stop, step):
+                part = slice(s, min(rows.stop, s + step))
+                bound = torch.addmm(index.projected_sq[cols].unsqueeze(1), index.projected[cols],
+                                    q[part].t(), alpha=-2.0)  # fmt: skip
+                below = bound <= limit32[s - rows.start : part.stop - rows.start].unsqueeze(0)
+                reached |= below.any(dim=1)
+            cols = cols[reached]
         if cols.numel() > max_fraction * m or cols.numel() < k:  # too many left: dense, below
             dense.append(rows)
             continue
-        values[rows], indices[rows], c = _dense_block(p[rows], index, k, budget_bytes, u_mm, cols)
-        checked += c
+        step = block_rows(cols.numel(), dim, budget_bytes)
+        for s in range(rows.start, rows.stop, step):
+            part = slice(s, min(rows.stop, s + step))
+            found = _dense_block(p[part], index, k, budget_bytes, u_mm, cols)
+            values[part], indices[part], c = found
+            checked += c
     if dense:  # the blocks that went dense, together: large products, few calls
         rows = torch.cat([torch.arange(r.start, r.stop, device=p.device) for r in dense])
         step = block_rows(m, dim, budget_bytes)
