@@ -1,7 +1,8 @@
 """Exact k-nearest-centre search: cheap distances for all centres, exact ones for a few, a certificate.
 
-One mechanism serves two cheap approximations of d(p, c) = ||p - c||^2:
+Cheap approximations of d(p, c) = ||p - c||^2 rank or rule out centres:
 
+- the group lower bound (||p - mu_g|| - r_g)^2 for every centre of a group (pruned search, below);
 - the projected lower bound L = ||W^T (p - c)||^2 <= sigma^2 d, with W the top principal directions of
   the bank's centres (sigma = ||W||_2, 1 up to rounding); k << D' dims make it cheap;
 - the dense expanded form ||x||^2 + ||y||^2 - 2 x.y (x = p - mu, y = c - mu), whose error under
