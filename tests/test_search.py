@@ -241,3 +241,27 @@ def test_real_lite0_after_short_training_equals_brute_force(shared_data):
     assert model.last_search.dense_patches < len(p)  # pruning ran
     ref_v, _ = _brute(p, model.bank.centres, 6)
     assert torch.allclose(values.double(), ref_v, rtol=1e-5, atol=1e-5)
+
+
+def test_group_bound_slack_is_not_zero():
+    # Why eps_G: with one centre per group (r_g = 0) the group bound is the expanded-form distance
+    # to that centre, which cancels in float32 and can come out *above* the true distance of a
+    # patch sitting on it: without the slack it would not be a lower bound, and a group holding
+    # a true neighbour could be ruled out. (Here the own group's delta_up, which carries the
+    # larger dense slack, happens to keep it; the bound itself must not rely on that.)
+    torch.manual_seed(5)
+    c = 40 + torch.randn(256, 16)
+    p = c + 1e-3 * torch.randn_like(c)
+    index = _bank(c, groups=256).search_index(pruned=True, dims=16)
+    groups = index.groups
+    x = p - index.mean
+    x_sq = x.square().sum(1)
+    d_hat = (x_sq.unsqueeze(1) + groups.centred_sq - 2 * x @ groups.centred.t()).double()
+    point = index.mean.double() + groups.centred.double()  # each group's point, its one centre
+    d = torch.cdist(p.double(), point).pow(2)
+    assert bool((d_hat > d).any())  # the float32 value is not a lower bound
+    eps = search.dense_slack(x_sq.sqrt(), groups.centred_max, 16, search.U32).unsqueeze(1)
+    assert bool((d_hat - eps <= d).all())  # with the slack it is
+    assert len(groups.members) == 256  # one centre per group
+    result = nearest(p, index, 1, BUDGET)
+    assert torch.equal(result.indices[:, 0], torch.arange(256))
