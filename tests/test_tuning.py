@@ -37,17 +37,22 @@ def test_best_command_keeps_the_sweep_settings_and_adds_the_best_values():
     )
 
 
-@pytest.mark.slow
-def test_two_trial_optuna_sweep_on_the_demo(tmp_path):
+def _tune_demo(tmp_path: Path, *overrides: str) -> tuple[Path, list[dict[str, str]]]:
+    """A 2-trial +sweep=tune study on the demo data: its folder and its trials.csv rows."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     small = [o for o in SMALL if not o.startswith("trainer.max_epochs")]
     run("cfa_lightning.train", "-m", "+experiment=demo", "+sweep=tune", f"data.root={tmp_path / 'data'}",
         *small, "data.val_fraction=0.34", "trainer.max_epochs=1", "model.gamma_c=4",
-        "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}",
-        "logger=csv", "callbacks=none", f"hydra.sweep.dir={sweep}")  # fmt: skip
+        "hydra.sweeper.n_trials=2", "logger=csv", "callbacks=none", f"hydra.sweep.dir={sweep}",
+        *overrides)  # fmt: skip
     with (sweep / "trials.csv").open() as f:
-        trials = list(csv.DictReader(f))
+        return sweep, list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_two_trial_optuna_sweep_on_the_demo(tmp_path):
+    sweep, trials = _tune_demo(tmp_path, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
     assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)
     assert all(0.0 <= float(t["objective"]) <= 1.0 for t in trials)
     assert all(t["objective"] == t["val/pixel_AUPRO"] for t in trials)  # validation, not test
@@ -63,16 +68,10 @@ def test_two_trial_optuna_sweep_on_the_demo(tmp_path):
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_optuna_study_goes_on(tmp_path):
     # Tap 9 does not exist in resnet18: that trial raises, Optuna records it as failed (a NaN
-    # would have stopped the study with an unrelated "Values were told" error).
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweep = tmp_path / "sweep"
-    small = [o for o in SMALL if not o.startswith("trainer.max_epochs")]
-    run("cfa_lightning.train", "-m", "+experiment=demo", "+sweep=tune", f"data.root={tmp_path / 'data'}",
-        *small, "data.val_fraction=0.34", "trainer.max_epochs=1", "model.gamma_c=4",
-        "backbone.out_indices=choice([2,3],[1,2,9])",  # the seeded TPE draws both in 2 trials
-        "hydra.sweeper.n_trials=2", "logger=csv", "callbacks=none", f"hydra.sweep.dir={sweep}")  # fmt: skip
-    with (sweep / "trials.csv").open() as f:
-        trials = {t["param:backbone.out_indices"]: t for t in csv.DictReader(f)}
+    # would have stopped the study with an unrelated "Values were told" error). The seeded TPE
+    # draws both values in the 2 trials.
+    sweep, rows = _tune_demo(tmp_path, "backbone.out_indices=choice([2,3],[1,2,9])")
+    trials = {t["param:backbone.out_indices"]: t for t in rows}
     assert trials["[1,2,9]"]["status"] == "failed" and trials["[2,3]"]["status"] == "ok"
     best = json.loads((sweep / "best.json").read_text())
     assert best["best_params"]["backbone.out_indices"] == "[2,3]"  # as the plugin stores it
