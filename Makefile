@@ -5,7 +5,7 @@ SYSTEM_PYTHON ?= python3
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format demo train bench bench-real clean
+.PHONY: help install test test-slow lint format demo train bench gpu-check bench-real clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -38,8 +38,11 @@ demo: ## Train and test on generated synthetic data with real lite0 weights (a f
 train: ## Train and test, e.g. make train ARGS="+experiment=wide_resnet50 data.category=screw"
 	$(PYTHON) -m cfa_lightning.train $(ARGS)
 
-bench: ## Speed/memory benchmark, fast path vs naive (quick; all cells: python experiments/benchmark.py)
+bench: ## Speed/memory, fast path vs naive (quick: ~170 CPU-seconds; full grid: python experiments/benchmark.py)
 	$(PYTHON) experiments/benchmark.py --quick $(ARGS)
+
+gpu-check: ## Device, versions, bench cells, bf16 demo vs fp32, 2-job sweep (GPU machine: PYTHON=python3 ARGS="--wheels DIR")
+	$(PYTHON) experiments/gpu_check.py $(ARGS)
 
 bench-real: ## Real-data benchmark: lite0 on ../shared/data cookies and magnetic_tile (AUROC table)
 	$(PYTHON) experiments/real_data_benchmark.py $(ARGS)

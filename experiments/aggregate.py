@@ -3,10 +3,11 @@
     python experiments/aggregate.py multirun/train_categories/<time> --out results/
     python experiments/aggregate.py <sweep dirs...> --readme README.md   # rewrite the README table
 
-One table per setting (backbone, resolution, epochs, gamma_c, gamma_d, initial radius): one
-row per category with mean +- std over seeds (sample std, n - 1), then the mean over categories
-(its std is over the per-seed category means, from the seeds every category has). The header
-states the protocol: resolution, epochs, seed list, selection = last epoch. Values are in %.
+One table per setting (backbone, resolution, epoch cap, selection rule, gamma_c, gamma_d, initial
+radius): one row per category with mean +- std over seeds (sample std, n - 1) and the epoch each
+seed tested, then the mean over categories (its std is over the per-seed category means, from
+the seeds every category has). The header states the protocol: resolution, epochs, seed list,
+how the tested epoch was chosen (never on the test set). Values are in %.
 Failed jobs (``"status": "failed"``) are listed under the table and left out of the numbers.
 
 Writes ``runs.csv`` (one row per job), ``summary.csv`` (one row per setting and category) and
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
@@ -27,8 +27,19 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from cfa_lightning.utils import METRICS_FILE, job_results  # noqa: E402
+
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1", "pixel_F1")
-SETTING_KEYS = ("backbone", "resolution", "epochs", "gamma_c", "gamma_d", "radius_init")
+SETTING_KEYS = (
+    "backbone",
+    "resolution",
+    "epochs",
+    "selection",
+    "gamma_c",
+    "gamma_d",
+    "radius_init",
+)
 README_START = "<!-- benchmark-table:start -->"
 README_END = "<!-- benchmark-table:end -->"
 # cfa_spec.md, "Reference numbers": MVTec AD 15-class mean, image / pixel AUROC (%).
@@ -55,32 +66,63 @@ def load_runs(roots: Iterable[Path]) -> list[dict[str, Any]]:
     """Every metrics.json under the roots, flattened into one dict per job."""
     runs = []
     for root in roots:
-        for path in sorted(Path(root).rglob("metrics.json")):
-            result = json.loads(path.read_text())
+        for job_dir, result in job_results(root, recursive=True).items():
             run = {
-                "job": result.get("job", path.parent.name),
-                "path": str(path),
-                "status": result.get("status", "ok"),
+                "job": result.get("job", job_dir.name),
+                "path": str(job_dir / METRICS_FILE),
+                "status": result["status"],
                 "error": result.get("error", ""),
                 "category": result.get("category"),
                 "seed": result.get("seed"),
                 "backbone": result.get("backbone"),
                 "resolution": resolution(result.get("image_size"), result.get("crop_size")),
-                "epochs": result.get("epochs", result.get("max_epochs")),
+                "epochs": result.get("max_epochs", result.get("epochs")),  # the cap
+                "selection": selection_rule(result.get("selection")),
+                "epoch_tested": tested_epoch(result),
                 "gamma_c": result.get("gamma_c"),
                 "gamma_d": result.get("gamma_d"),
                 "radius_init": result.get("radius_init"),
                 "train_time_s": result.get("train_time_s"),
             }
             for name in METRICS:
-                run[name] = result.get("metrics", {}).get(f"test/{name}")
+                run[name] = result["metrics"].get(f"test/{name}")
             runs.append(run)
     return runs
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+def selection_rule(selection: Any) -> str:
+    """How a job chose the epoch it tested, as the table header states it."""
+    if not isinstance(selection, dict) or selection.get("rule", "last") == "last":
+        return "last epoch"
+    return (
+        f"best validated epoch ({selection.get('metric', 'val')}, {selection.get('mode', 'max')})"
+    )
+
+
+def tested_epoch(result: dict[str, Any]) -> Any:
+    """The epoch whose model was tested: the chosen one, else the last one trained."""
+    selection = result.get("selection")
+    chosen = selection.get("epoch") if isinstance(selection, dict) else None
+    return chosen if chosen is not None else result.get("epochs")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std (n - 1; None for a single value)."""
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def seed_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from runs that differ only in their seed: mean ± std per metric, the seeds."""
+    ordered = sorted(runs, key=lambda r: r["seed"])
+    row: dict[str, Any] = {
+        "seeds": [r["seed"] for r in ordered],
+        "epochs": [r.get("epoch_tested") for r in ordered],  # the epoch each seed tested
+    }
+    for name in METRICS:
+        values = [r[name] for r in runs if r[name] is not None]
+        row[name] = mean_std(values) if values else None
+    return row
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
@@ -97,12 +139,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
             per_seed[run["seed"]][run["category"]] = run
         names = sorted({r["category"] for r in setting_runs})
         for category in names:
-            cat_runs = [r for r in setting_runs if r["category"] == category]
-            row: dict[str, Any] = {"seeds": sorted(r["seed"] for r in cat_runs)}
-            for name in METRICS:
-                values = [r[name] for r in cat_runs if r[name] is not None]
-                row[name] = _mean_std(values) if values else None
-            categories[category] = row
+            categories[category] = seed_summary(
+                [r for r in setting_runs if r["category"] == category]
+            )
         mean_row: dict[str, Any] = {}
         complete = sorted(s for s, cats in per_seed.items() if set(cats) == set(names))
         for name in METRICS:
@@ -126,27 +165,42 @@ def _cell(value: tuple[float, float | None] | None) -> str:
     return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def table(label: str, rows: dict[str, dict[str, Any]], bold: Sequence[str] = ()) -> list[str]:
+    """The mean ± std table (values in %): one line per row of ``rows`` (``seed_summary``'s form),
+    the rows named in ``bold`` set in bold. ``aggregate.py`` and ``tune_then_test.py`` print it."""
+    lines = [
+        f"| {label} | " + " | ".join(METRICS) + " | seeds |",
+        "| --- |" + " ---: |" * len(METRICS) + " --- |",
+    ]
+    with_epochs = any(row.get("epochs") for row in rows.values())
+    if with_epochs:
+        lines[0] += " epoch tested |"
+        lines[1] += " --- |"
+    for name, row in rows.items():
+        cells = [_cell(row[metric]) for metric in METRICS]
+        if name in bold:
+            name, cells = f"**{name}**", [f"**{cell}**" for cell in cells]
+        line = f"| {name} | {' | '.join(cells)} | {', '.join(map(str, row['seeds']))} |"
+        if with_epochs:
+            line += f" {', '.join(str(e) for e in row.get('epochs') or [])} |"
+        lines.append(line)
+    return lines
+
+
 def markdown(runs: list[dict[str, Any]], summary: dict, reference: bool = False) -> str:
     lines: list[str] = []
     for setting, block in summary.items():
         info = dict(zip(SETTING_KEYS, setting, strict=True))
+        n = len(block["categories"])
+        mean_name = f"mean ({n} categories)" if n != 1 else "mean (1 category)"
         lines += [
-            f"**{info['backbone']}**, {info['resolution']}, {info['epochs']} epochs, "
-            f"seeds {', '.join(map(str, block['seeds']))}, selection = last epoch (no selection "
-            f"on the test set); gamma_c = {info['gamma_c']}, gamma_d = {info['gamma_d']}, "
+            f"**{info['backbone']}**, {info['resolution']}, at most {info['epochs']} epochs, "
+            f"seeds {', '.join(map(str, block['seeds']))}, tested: {info['selection']} (no "
+            f"selection on the test set); gamma_c = {info['gamma_c']}, gamma_d = {info['gamma_d']}, "
             f"initial r = {info['radius_init']}. Values in %, mean ± std over seeds.",
             "",
-            "| category | " + " | ".join(METRICS) + " | seeds |",
-            "| --- |" + " ---: |" * len(METRICS) + " --- |",
+            *table("category", {**block["categories"], mean_name: block["mean"]}, [mean_name]),
         ]
-        for category, row in block["categories"].items():
-            cells = " | ".join(_cell(row[name]) for name in METRICS)
-            lines.append(f"| {category} | {cells} | {', '.join(map(str, row['seeds']))} |")
-        mean = block["mean"]
-        cells = " | ".join(f"**{_cell(mean[name])}**" for name in METRICS)
-        n = len(block["categories"])
-        n = f"{n} categories" if n != 1 else "1 category"
-        lines.append(f"| **mean ({n})** | {cells} | {', '.join(map(str, mean['seeds']))} |")
         if reference:
             for source, image, pixel in REFERENCES:
                 cells = {"image_AUROC": f"{image:.1f}", "pixel_AUROC": f"{pixel:.1f}"}
@@ -176,7 +230,7 @@ def markdown(runs: list[dict[str, Any]], summary: dict, reference: bool = False)
 
 def write_csvs(runs: list[dict[str, Any]], summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    run_fields = ["job", "status", "category", "seed", *SETTING_KEYS, *METRICS, "train_time_s",
+    run_fields = ["job", "status", "category", "seed", *SETTING_KEYS, "epoch_tested", *METRICS, "train_time_s",
                   "error", "path"]  # fmt: skip
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=run_fields, extrasaction="ignore")

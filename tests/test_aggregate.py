@@ -46,7 +46,7 @@ def test_table_has_category_rows_mean_row_and_protocol(sweep, tmp_path):
     summary = aggregate.summarise(runs)
     text = aggregate.markdown(runs, summary, reference=True)
     assert len(summary) == 2  # resize 256 and resize 256 + crop 224
-    assert "resize 256, 30 epochs, seeds 0, 1, 2, selection = last epoch" in text
+    assert "resize 256, at most 30 epochs, seeds 0, 1, 2, tested: last epoch" in text
     assert "resize 256 + crop 224" in text
     bottle = statistics.fmean([0.90, 0.92, 0.94]), statistics.stdev([0.90, 0.92, 0.94])
     assert f"| bottle | {100 * bottle[0]:.1f} ± {100 * bottle[1]:.1f} |" in text
@@ -97,3 +97,21 @@ def test_summary_as_a_wandb_table_offline(sweep, tmp_path, monkeypatch):
     assert "image_AUROC_mean" in table["columns"]
     categories = sorted(row[len(aggregate.SETTING_KEYS)] for row in table["data"])
     assert categories == ["bottle", "bottle", "mean", "mean", "screw"]  # two settings
+
+
+def test_validated_runs_that_stop_at_other_epochs_share_one_table(tmp_path):
+    # metrics.json as train.py writes it under the validated default: "epochs" is where training
+    # stopped (it differs per seed), "max_epochs" the cap, "selection" the epoch tested.
+    for seed, (stopped, chosen, value) in enumerate([(8, 3, 0.91), (10, 5, 0.93)]):
+        selection = {"rule": "best_val", "metric": "val/pixel_AUPRO", "mode": "max",
+                     "epoch": chosen, "stopped_epoch": stopped}  # fmt: skip
+        _write(tmp_path, f"{seed}_seed{seed}", category="cookies", seed=seed, backbone="lite0",
+               image_size=256, max_epochs=30, epochs=stopped, selection=selection,
+               metrics={"test/image_AUROC": value})  # fmt: skip
+    runs = aggregate.load_runs([tmp_path])
+    summary = aggregate.summarise(runs)
+    text = aggregate.markdown(runs, summary)
+    assert len(summary) == 1  # one setting: the cap, not where each seed stopped
+    assert "at most 30 epochs" in text
+    assert "tested: best validated epoch (val/pixel_AUPRO, max)" in text
+    assert "| cookies | 92.0 ± 1.4 |" in text and text.count("| 0, 1 | 3, 5 |") == 1

@@ -120,3 +120,33 @@ def test_checkpoints_of_a_hydra_built_run_load_with_weights_only(synthetic_root,
                logger=False, enable_progress_bar=False).fit(
         resumed, datamodule=dm, ckpt_path=path, weights_only=True)  # fmt: skip
     assert resumed.trainer.current_epoch == 2
+
+
+def test_a_checkpoint_from_before_the_lean_search_loads_and_scores_identically(
+    trained_checkpoint, tmp_path, caplog
+):
+    """Older checkpoints hold the pruned search's buffers and options: they load, strictly,
+    with at most a one-line notice, and score as the same model saved today."""
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    state = ckpt["state_dict"]
+    dim, m = state["model.bank.centres"].shape[1], state["model.bank.centres"].shape[0]
+    state.update({
+        "model.bank.centre_mean": torch.zeros(dim), "model.bank.basis": torch.eye(dim),
+        "model.bank.basis_norm": torch.tensor(1.0, dtype=torch.float64),
+        "model.bank.search_dims": torch.tensor(dim),
+        "model.bank.group_of": torch.zeros(m, dtype=torch.int64),
+    })  # fmt: skip
+    ckpt["hyper_parameters"].update(chunk_mb=32, naive_loss=False, prune=False, search_dims=None,
+                                    search_groups=None)  # fmt: skip
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO"), torch.no_grad():
+        loaded = CFALitModule.from_checkpoint(old).model.eval()(images)
+    with torch.no_grad():
+        today = CFALitModule.from_checkpoint(trained_checkpoint).model.eval()(images)
+    assert torch.equal(loaded.maps, today.maps)
+    notices = [r.getMessage() for r in caplog.records if "older version" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0] and "group_of" in notices[0]
+    old_score = Predictor.from_checkpoint(old).predict(images[0]).score
+    assert old_score == Predictor.from_checkpoint(trained_checkpoint).predict(images[0]).score

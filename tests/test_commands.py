@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# 12 training images, 4 of them (0.34) validate with synthetic defects: the validated default.
 SMALL = ["data.n_train=12", "data.n_test_good=4", "data.n_test_defect=4", "data.generate_size=[96,96]",
-         "data.image_size=96", "trainer.max_epochs=2"]  # fmt: skip
+         "data.image_size=96", "data.val_fraction=0.34", "trainer.max_epochs=2"]  # fmt: skip
 
 
 def run(module: str, *overrides: str, env: dict | None = None, check: bool = True):
@@ -28,10 +30,12 @@ def run(module: str, *overrides: str, env: dict | None = None, check: bool = Tru
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """`+experiment=demo` (synthetic data, real lite0 weights), shrunk to a few seconds."""
+    """`+experiment=demo` (synthetic data, real lite0 weights), shrunk to a few seconds; the
+    validated default with a patience of 1, so that early stopping ends it before the cap."""
     tmp = tmp_path_factory.mktemp("demo")
     out = tmp / "run"
-    proc = run("cfa_lightning.train", "+experiment=demo", f"data.root={tmp / 'data'}", *SMALL,
+    proc = run("cfa_lightning.train", "+experiment=demo", f"data.root={tmp / 'data'}", *SMALL[:-1],
+               "trainer.max_epochs=4", "callbacks.early_stopping.patience=1",
                f"hydra.run.dir={out}")  # fmt: skip
     return tmp, out, proc
 
@@ -40,27 +44,49 @@ def test_demo_trains_and_tests_end_to_end(demo_run):
     _, out, proc = demo_run
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
-    assert result["selection"]["rule"] == "last" and result["epochs"] == 2 and result["seed"] == 0
+    assert result["protocol"] == "validated" and result["seed"] == 0 and result["tested"]
     assert result["backbone"] == "tf_efficientnet_lite0" and result["input_size"] == [96, 96]
-    # Drawn defects with real ImageNet features, seed 0, this config: measured image AUROC 1.000,
-    # pixel AUROC 0.9903, AUPRO 0.9504 (2-core CPU). Floors 0.01 to 0.02 below.
+    # Drawn defects with real ImageNet features, seed 0, this config (epoch 0 chosen, stopped at
+    # epoch 1): measured image AUROC 1.000, pixel AUROC 0.9908, AUPRO 0.9534 (2-core CPU).
     assert m["test/image_AUROC"] >= 0.99
     assert m["test/pixel_AUROC"] >= 0.975
     assert m["test/pixel_AUPRO"] >= 0.935
     assert "test/image_AUROC" in proc.stdout  # the metrics table is printed
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "Building memory bank" in proc.stderr  # progress bar for the bank
+    assert "memory bank built from 8 training images" in proc.stderr  # 4 of 12 validate
+
+
+def test_the_validated_default_tests_the_best_epoch_and_stops_early(demo_run):
+    _, out, proc = demo_run
+    result = json.loads((out / "metrics.json").read_text())
+    sel = result["selection"]
+    curve = dict((int(e), v) for e, v in sel["val_curve"])
+    # epoch 0 (the un-adapted phi) is validated like any other; the validated epochs are 0..stop
+    assert sorted(curve) == list(range(sel["stopped_epoch"] + 1))
+    best = max(curve, key=lambda e: (curve[e], -e))  # ties keep the earlier epoch
+    assert sel["rule"] == "best_val" and sel["metric"] == "val/pixel_AUPRO"
+    assert sel["epoch"] == best and sel["value"] == pytest.approx(curve[best])
+    assert result["val_metrics"]["val/pixel_AUPRO"] == pytest.approx(curve[best])
+    # early stopping: patience 1, so the fit ended one validated epoch after the best one
+    assert sel["early_stopped"] and sel["patience"] == 1
+    assert sel["stopped_epoch"] == best + 1 < 4 and result["epochs"] == sel["stopped_epoch"]
+    # the tested model is the best checkpoint, epoch k = the model after k training epochs
+    assert Path(sel["checkpoint"]) == out / "checkpoints" / f"epoch_{best:03d}.ckpt"
+    assert f"Loaded model weights from the checkpoint at {sel['checkpoint']}" in proc.stderr
+    ckpt = torch.load(sel["checkpoint"], weights_only=True)
+    assert ckpt["epoch"] == best
 
 
 def test_eval_scores_the_checkpoint_like_training_did(demo_run, tmp_path):
     tmp, out, _ = demo_run
-    ckpt = out / "checkpoints" / "last.ckpt"
-    run("cfa_lightning.eval", f"ckpt_path={ckpt}", "data=synthetic", f"data.root={tmp / 'data'}", *SMALL[:-1],
-        f"hydra.run.dir={tmp_path}")  # fmt: skip
-    trained = json.loads((out / "metrics.json").read_text())["metrics"]
+    trained = json.loads((out / "metrics.json").read_text())
+    ckpt = trained["selection"]["checkpoint"]  # the tested (best validated) checkpoint
+    run("cfa_lightning.eval", f"ckpt_path={ckpt}", "data=synthetic", f"data.root={tmp / 'data'}",
+        *SMALL[:-1], f"hydra.run.dir={tmp_path}")  # fmt: skip
     evaluated = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert evaluated.keys() == trained.keys()
-    for key, value in trained.items():
+    assert evaluated.keys() == trained["metrics"].keys()
+    for key, value in trained["metrics"].items():
         assert evaluated[key] == pytest.approx(value, abs=1e-6), key
 
 
@@ -75,7 +101,7 @@ def test_eval_refuses_a_checkpoint_from_another_resolution(demo_run, tmp_path):
 def test_multirun_over_radius_and_gamma_c(tmp_path):
     proc = run("cfa_lightning.train", "-m", "+experiment=demo", f"data.root={tmp_path / 'data'}", *SMALL[:-1],
                "trainer.max_epochs=1", "model.radius=1e-5,1e-3", "model.gamma_c=1,4",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks=none", "logger=none")  # fmt: skip
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks=selection", "logger=none")  # fmt: skip
     results = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(results) == 4, proc.stdout[-2000:]
     seen = {

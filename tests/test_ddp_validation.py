@@ -32,21 +32,25 @@ class ThresholdProbe(pl.Callback):
 def test_validation_with_anomalies_on_one_rank_finishes_with_equal_thresholds(
     synthetic_root, tmp_path
 ):
-    category = synthetic_root / "synthetic"
+    category = tmp_path / "synthetic"
+    shutil.copytree(synthetic_root / "synthetic", category)
     val = tmp_path / "val"
     # Sorted: crack/ first. The distributed sampler deals indices 0, 2 to rank 0 (the crack
     # image and a normal one) and 1, 3 to rank 1 (normal only): anomalies on rank 0 alone.
+    # Validation images are neither test images (an unused defect type, 3 held-out train
+    # images) nor trained on.
     (val / "crack").mkdir(parents=True)
     (val / "good").mkdir()
     shutil.copy(category / "test" / "scratch" / "000.png", val / "crack" / "000.png")
     for i in range(3):
-        shutil.copy(category / "test" / "good" / f"{i:03d}.png", val / "good" / f"{i:03d}.png")
+        shutil.move(category / "train" / "good" / f"{i:03d}.png", val / "good" / f"{i:03d}.png")
     (tmp_path / "threshold_probe.py").write_text(PROBE)
     run("cfa_lightning.train", "+experiment=demo", "data=folder", f"data.root={category}",
         "data.normal_dir=train/good", "data.abnormal_dirs=[test/spot]",
         "data.mask_dir=ground_truth/spot", "data.normal_test_dir=test/good", f"data.val_dir={val}",
+        "data.val_anomalies=none",  # the split's own (real) anomaly, on one rank
         "data.image_size=[64,80]", "data.num_workers=0", "data.eval_batch_size=4",
-        "trainer.max_epochs=1", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.max_epochs=1", "+protocol=last_epoch", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "logger=none", "+callbacks.probe._target_=threshold_probe.ThresholdProbe",
         f"+callbacks.probe.out={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
         env={"PYTHONPATH": str(tmp_path)})  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cfa_lightning.data import defects
 from cfa_lightning.data.defects import DEFECT_FAMILIES, check_families, draw_defect
 
 
@@ -30,6 +31,26 @@ def test_defect_is_deterministic_and_masks_exactly_the_changed_pixels(family):
     c, _ = draw_defect(family, np.random.default_rng([8, 1]), images[0], images)
     assert not np.array_equal(a, c)  # another seed, another defect
     assert np.array_equal(images[0], _images()[0])  # the input is left untouched
+
+
+def test_the_mask_is_the_known_shape_a_painter_drew(monkeypatch):
+    # A painter with a shape known in advance: an L of two rectangles, one of them changing the
+    # red channel only. The mask must be that L, pixel for pixel, whatever way it is derived.
+    image = np.full((40, 50, 3), 0.5, dtype=np.float32)
+    expected = np.zeros((40, 50), dtype=bool)
+    expected[5:30, 10:16] = True  # the upright bar
+    expected[24:30, 16:41] = True  # the foot
+
+    def paint_l(rng, img, sources):
+        out = img.copy()
+        out[5:30, 10:16] = 0.9  # all three channels
+        out[24:30, 16:41, 0] = 0.1  # red only
+        return out
+
+    monkeypatch.setitem(defects._FAMILIES, "known_l", paint_l)
+    _, mask = draw_defect("known_l", np.random.default_rng(0), image)
+    assert mask.dtype == bool and mask.shape == (40, 50)
+    assert np.array_equal(mask, expected)
 
 
 def test_unknown_family_lists_the_known_ones():

@@ -61,18 +61,39 @@ class CountingImages(Dataset):
 class ObjectBroadcastStrategy:
     """What Lightning's DDP strategy does with `broadcast`: pickle the object to every rank."""
 
-    def __init__(self) -> None:
-        self.pickled = 0
-
     def reduce(self, tensor, reduce_op="sum"):
         torch.distributed.all_reduce(tensor)
         return tensor
 
     def broadcast(self, obj, src=0):
-        self.pickled += 1
         objects = [obj]
         torch.distributed.broadcast_object_list(objects, src=src)
         return objects[0]
+
+
+PICKLING = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list")
+
+
+def record_collectives(monkeypatch) -> dict:
+    """Wraps torch.distributed's broadcasts: the (shape, dtype) of every tensor broadcast, and
+    every call of a collective that pickles Python objects."""
+    seen = {"tensors": [], "pickled": []}
+    broadcast = torch.distributed.broadcast
+
+    def tensor_broadcast(tensor, *args, **kwargs):
+        seen["tensors"].append((tuple(tensor.shape), str(tensor.dtype)))
+        return broadcast(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "broadcast", tensor_broadcast)
+    for name in PICKLING:
+        real = getattr(torch.distributed, name)
+
+        def pickled(*args, _real=real, _name=name, **kwargs):
+            seen["pickled"].append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.distributed, name, pickled)
+    return seen
 
 
 def _build_bank_on_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -83,17 +104,19 @@ def _build_bank_on_rank(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)  # fmt: skip
     try:
-        pl.seed_everything(0)
-        module = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)  # k-means on every rank
-        strategy = ObjectBroadcastStrategy()
-        module._trainer = SimpleNamespace(  # the parts of a DDP Trainer that build_bank may use
-            world_size=world, global_rank=rank, is_global_zero=rank == 0, strategy=strategy,
-            progress_bar_callback=None, precision_plugin=Precision(),
-        )  # fmt: skip
-        data = CountingImages(N_IMAGES)
-        module.build_bank(DataLoader(data, batch_size=2))
-        torch.save({"centres": module.model.bank.centres, "read": data.read,
-                    "pickled": strategy.pickled}, f"{out}/rank{rank}.pt")  # fmt: skip
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            seen = record_collectives(monkeypatch)
+            pl.seed_everything(0)
+            module = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)  # k-means on every rank
+            module._trainer = SimpleNamespace(  # the parts of a DDP Trainer that build_bank may use
+                world_size=world, global_rank=rank, is_global_zero=rank == 0,
+                strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,
+                precision_plugin=Precision(),
+            )  # fmt: skip
+            data = CountingImages(N_IMAGES)
+            module.build_bank(DataLoader(data, batch_size=2))
+        torch.save({"centres": module.model.bank.centres, "read": data.read, **seen},
+                   f"{out}/rank{rank}.pt")  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
 
@@ -107,11 +130,22 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
     # each image is read by exactly one rank (no padding, no batch read and thrown away)
     assert sorted(ranks[0]["read"] + ranks[1]["read"]) == list(range(N_IMAGES))
     assert len(ranks[0]["read"]) == 3 and len(ranks[1]["read"]) == 2
-    # the centres travel as a tensor (torch.distributed.broadcast), not as a pickled object
-    assert ranks[0]["pickled"] == ranks[1]["pickled"] == 0
+    # the centres travel once, as a float32 tensor (torch.distributed.broadcast); nothing of the
+    # build is pickled (Lightning's strategy.broadcast and the *_object collectives would be)
+    centres = (tuple(ranks[0]["centres"].shape), "torch.float32")
+    for r in ranks:
+        assert r["tensors"] == [centres], r["tensors"]
+        assert r["pickled"] == [], r["pickled"]
     assert torch.equal(ranks[0]["centres"], ranks[1]["centres"])
     # ... and they are the bank one process builds from all the images
     pl.seed_everything(0)
     single = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)
     single.build_bank(DataLoader(CountingImages(N_IMAGES), batch_size=2))
     assert torch.allclose(ranks[0]["centres"], single.model.bank.centres, atol=1e-5)
+
+
+def test_fewer_training_images_than_ranks_is_refused_in_one_line():
+    from cfa_lightning.distributed import shard_loader
+
+    with pytest.raises(ValueError, match=r"1 training image\(s\) cannot be shared over 2 ranks"):
+        shard_loader(DataLoader(TensorDataset(torch.arange(1))), rank=1, world=2)

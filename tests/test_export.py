@@ -1,4 +1,5 @@
-"""ONNX (run with onnxruntime) and TorchScript exports agree with the PyTorch model."""
+"""ONNX (onnxruntime), OpenVINO IR and TorchScript exports agree with the PyTorch model; INT8
+quantises the backbone only by default, calibrated on the training folder."""
 
 import json
 
@@ -6,19 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from cfa_lightning.export import ExportableCFA, export
+from cfa_lightning.export import ExportableCFA, export, training_images
 from cfa_lightning.models.lit_module import CFALitModule
 
 
 @pytest.fixture(scope="module")
 def reference(trained_checkpoint):
-    model = CFALitModule.from_checkpoint(trained_checkpoint).model
-    return ExportableCFA(model, image_size=[64, 80]).eval()
+    return ExportableCFA(CFALitModule.from_checkpoint(trained_checkpoint).model).eval()
 
 
 def _inputs():
     torch.manual_seed(0)
-    return [torch.rand(1, 3, 64, 80), torch.rand(3, 3, 90, 120)]  # dynamic batch and size
+    return [torch.rand(1, 3, 64, 80), torch.rand(3, 3, 64, 80)]  # dynamic batch
 
 
 def _assert_close(ref, got):
@@ -26,8 +26,7 @@ def _assert_close(ref, got):
     rel = float((maps - got[2]).abs().max() / maps.abs().max())
     assert rel < 1e-4, rel
     assert torch.allclose(scores, got[0], rtol=1e-4)
-    cal_thr = 0.5
-    assert torch.equal(normalized > cal_thr, got[1] > cal_thr)  # identical decisions
+    assert torch.equal(normalized >= 0.5, got[1] >= 0.5)  # identical decisions
 
 
 def test_onnx_matches_pytorch(trained_checkpoint, reference, tmp_path):
@@ -43,8 +42,39 @@ def test_onnx_matches_pytorch(trained_checkpoint, reference, tmp_path):
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert meta["input_size"] == [64, 80] and meta["backbone"] == "resnet18"
     assert meta["calibrated"] is True and meta["taps"] == [1, 2, 3]
-    assert {"image_threshold", "pixel_threshold", "normalization", "gamma_c", "gamma_d",
-            "package_version", "git_revision"} <= meta.keys()  # fmt: skip
+    assert {"format_version", "heat_scale", "image_threshold", "pixel_threshold", "normalization",
+            "gamma_c", "gamma_d", "package_version", "git_revision"} <= meta.keys()  # fmt: skip
+
+
+def test_openvino_ir_matches_pytorch(trained_checkpoint, reference, tmp_path):
+    ov = pytest.importorskip("openvino")
+    path = export(trained_checkpoint, "openvino", tmp_path)
+    assert path.name == "model.xml" and (tmp_path / "model.bin").is_file()
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    for x in _inputs():
+        with torch.no_grad():
+            ref = reference(x)
+        out = compiled(x.numpy())
+        got = [torch.from_numpy(out[compiled.output(n)]) for n in ("scores", "normalized_scores", "maps")]  # fmt: skip
+        _assert_close(ref, got)
+    assert json.loads((tmp_path / "metadata.json").read_text())["precision"] == "fp32"
+
+
+def test_int8_quantises_the_backbone_on_training_images(
+    trained_checkpoint, synthetic_root, tmp_path
+):
+    pytest.importorskip("nncf")
+    path = export(trained_checkpoint, "openvino", tmp_path, quantize="int8", subset_size=4)
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["precision"] == "int8" and meta["quantize_scope"] == "backbone"
+    train = synthetic_root / "synthetic" / "train" / "good"
+    assert meta["calibration"] == {"folder": str(train), "images": 12, "used": 4}
+    import re
+
+    quantised = re.findall(r'name="([^"]*)" type="FakeQuantize"', path.read_text())
+    assert any(".backbone" in name for name in quantised)
+    # the descriptor, the search's matrix product and the blur stay float32
+    assert not [n for n in quantised if re.search("descriptor|addmm|blur", n)], quantised
 
 
 def test_torchscript_matches_pytorch(trained_checkpoint, reference, tmp_path):
@@ -55,6 +85,10 @@ def test_torchscript_matches_pytorch(trained_checkpoint, reference, tmp_path):
             _assert_close(reference(x), scripted(x))
 
 
-def test_unknown_format_is_a_clear_error(trained_checkpoint, tmp_path):
+def test_bad_options_are_clear_errors(trained_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="format="):
         export(trained_checkpoint, "tflite", tmp_path)
+    with pytest.raises(ValueError, match="needs format=openvino"):
+        export(trained_checkpoint, "onnx", tmp_path, quantize="int8")
+    with pytest.raises(ValueError, match="calibration_dir=.* holds no image"):
+        training_images({}, tmp_path)

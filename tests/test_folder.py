@@ -116,6 +116,18 @@ def test_normal_test_dir_and_val_dir(product, tmp_path):
     ]  # fmt: skip
 
 
+def test_a_val_dir_image_that_is_also_a_test_image_stops_the_run(product):
+    _image(product / "val" / "fine.png", 130)
+    # a copy of a test image under another name is found by its bytes
+    (product / "val" / "copy.png").write_bytes((product / "scratch" / "scratch_1.png").read_bytes())
+    with pytest.raises(ValueError, match=r"data.val_dir: .*copy.png is also a test image"):
+        _dm(product, abnormal_dirs="scratch", val_dir="val")
+    (product / "val" / "copy.png").unlink()
+    _dm(product, abnormal_dirs="scratch", val_dir="val")
+    with pytest.raises(ValueError, match=r"scratch_0.png is also a test image"):
+        _dm(product, abnormal_dirs="scratch", val_dir="scratch")  # the test folder itself
+
+
 def test_missing_mask_and_orphan_mask(product):
     (product / "masks" / "dent_1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 abnormal image\(s\) have no mask") as info:
@@ -161,7 +173,8 @@ def test_spaces_non_ascii_and_symlinked_folders(tmp_path):
 
 
 def test_train_command_on_a_folder_without_masks(tmp_path):
-    """`data=folder` end to end: image metrics present, pixel metrics skipped with one line."""
+    """`data=folder` end to end, validated (4 of the 8 non-test images validate): image metrics
+    present, pixel metrics skipped with one line."""
     from cfa_lightning.data.synthetic import generate_synthetic_dataset
 
     source = generate_synthetic_dataset(
@@ -176,7 +189,7 @@ def test_train_command_on_a_folder_without_masks(tmp_path):
         [sys.executable, "-m", "cfa_lightning.train", "+experiment=demo", "data=folder",
          f"data.root={root}", "data.normal_dir=ok", "data.abnormal_dirs=[spots]",
          "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
-         "logger=none", "callbacks=none", f"hydra.run.dir={out}"],
+         "data.val_fraction=0.5", "logger=none", "callbacks=selection", f"hydra.run.dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "WANDB_MODE": "offline"},
     )  # fmt: skip

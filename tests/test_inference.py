@@ -7,6 +7,7 @@ from PIL import Image
 
 from cfa_lightning.inference import Predictor, to_pil
 from cfa_lightning.metrics import AnomalyMetrics
+from cfa_lightning.models.lit_module import CFALitModule
 
 
 def test_to_pil_accepts_arrays_tensors_and_modes():
@@ -45,8 +46,6 @@ def test_predictor_returns_maps_at_each_input_resolution(trained_checkpoint):
 
 
 def test_crop_maps_back_to_the_crop_region(trained_checkpoint):
-    from cfa_lightning.models.lit_module import CFALitModule
-
     model = CFALitModule.from_checkpoint(trained_checkpoint).model
     predictor = Predictor(model, image_size=[80, 100], crop_size=[64, 80])
     fmap = predictor._to_original(torch.ones(64, 80) * 5, (160, 200))  # resize x2
@@ -73,3 +72,72 @@ def test_a_score_at_the_threshold_is_anomalous_as_the_metrics_count_it(trained_c
     again = predictor.predict_batch(images)
     assert [r.is_anomalous for r in again] == [bool(v) for v in labels]
     assert again[0].mask.any()  # the peak pixel itself is in the predicted mask
+
+
+_PRECISION_FLAGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
+                    "mkldnn.rnn")  # fmt: skip
+
+
+def _backend(name: str):
+    obj = torch.backends
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.fixture()
+def restore_precision():
+    """Puts torch's fp32 precision flags back through the new API (reading the legacy getter
+    can raise once the new API has been used)."""
+    saved = (torch.backends.fp32_precision, [_backend(n).fp32_precision for n in _PRECISION_FLAGS])
+    yield
+    torch.backends.fp32_precision = saved[0]
+    for name, value in zip(_PRECISION_FLAGS, saved[1], strict=True):
+        _backend(name).fp32_precision = value
+
+
+def _set_legacy(mode):
+    torch.set_float32_matmul_precision(mode)
+
+
+def _set_new(path, value):
+    def apply():
+        if path == "fp32_precision":
+            torch.backends.fp32_precision = value
+        else:
+            _backend(path).fp32_precision = value
+
+    return apply
+
+
+@pytest.mark.parametrize("mode", [
+    lambda: _set_legacy("high"), lambda: _set_legacy("medium"),
+    _set_new("fp32_precision", "tf32"), _set_new("cuda.matmul", "tf32"),
+    _set_new("mkldnn.matmul", "bf16"),
+], ids=["legacy-high", "legacy-medium", "new-all-tf32", "new-cuda-matmul-tf32",
+        "new-mkldnn-matmul-bf16"])  # fmt: skip
+def test_predict_and_export_under_every_matmul_precision_mode(
+    mode, trained_checkpoint, tmp_path, restore_precision
+):
+    """Issue 16: the search reads no precision flag, and its distances are direct differences,
+    so the Python Predictor and the ONNX export run, and give the fp32 answers, in every mode
+    (after the new API, the legacy getter raises: nothing may call it). On this CPU the modes
+    change no matmul; tests/test_distances.py emulates the reduced-precision ranking itself."""
+    from cfa_lightning.export import export
+
+    ort = pytest.importorskip("onnxruntime")
+    images = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    reference = Predictor.from_checkpoint(trained_checkpoint).predict_batch(images)
+    mode()
+    results = Predictor.from_checkpoint(trained_checkpoint).predict_batch(images)
+    for ref, got in zip(reference, results, strict=True):
+        assert got.score == pytest.approx(ref.score, rel=1e-5)
+        assert np.allclose(got.anomaly_map, ref.anomaly_map, rtol=1e-5, atol=1e-6)
+    path = export(trained_checkpoint, "onnx", tmp_path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = torch.stack(images).numpy()
+    scores = session.run(None, {"images": batch})[0]
+    module = CFALitModule.from_checkpoint(trained_checkpoint)
+    with torch.no_grad():
+        expected = module.model.eval()(torch.from_numpy(batch)).image_scores.numpy()
+    assert np.allclose(scores, expected, rtol=1e-4)

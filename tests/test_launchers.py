@@ -140,6 +140,51 @@ def test_a_ray_address_that_never_answers_stops_within_the_timeout():
     assert time.perf_counter() - start < 6
 
 
+def test_a_service_that_is_not_ray_is_refused():
+    """A port that answers, but not as a gRPC server (here an HTTP/1 server)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer_http() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_http, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    try:
+        with pytest.raises(LauncherCheckError, match="not as a gRPC server"):
+            check_ray_address(address, timeout_s=5)
+    finally:
+        server.close()
+
+
+RAY_HEAD = """
+import sys, ray
+ray.init(num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@needs_plugins
+def test_a_running_ray_head_passes_the_check():
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        address = head.stdout.readline().strip()  # host:port of its GCS
+        assert address, "the Ray head did not start"
+        check_ray_address(address, timeout_s=20)  # no error
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+
+
 def test_the_cli_stops_on_an_unreachable_ray_address(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -239,7 +284,9 @@ def test_a_job_that_dies_is_reported_when_the_launcher_gives_up(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run("cfa_lightning.train", "-m", "hydra/launcher=local_submitit", "+experiment=demo",
                f"data.root={tmp_path / 'data'}", *SMALL[:-1], "trainer.max_epochs=1", "seed=0,1",
-               "logger=none", "callbacks=none", "+callbacks.killer._target_=killer.DieOnSeed",
+               "logger=none", "callbacks=none", "+protocol=last_epoch",  # no selection callbacks
+               "hydra.sweep.subdir=${hydra.job.num}_seed${seed}",  # all overrides: over 255 chars
+               "+callbacks.killer._target_=killer.DieOnSeed",
                "+callbacks.killer.seed=${seed}", "+callbacks.killer.die_on=1",
                f"hydra.sweep.dir={sweep_dir}", env={"PYTHONPATH": str(tmp_path)}, check=False)  # fmt: skip
     assert proc.returncode != 0

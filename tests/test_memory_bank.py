@@ -45,10 +45,8 @@ def test_bank_gamma_c_compresses_and_is_a_buffer():
     bank.update(torch.randn(2, 2, 4, 4))
     bank.finalize()
     state = bank.state_dict()
-    # the search's principal directions travel with the centres (models/search.py)
-    assert set(state) == {
-        "centres", "fitted", "centre_mean", "basis", "basis_norm", "search_dims", "group_of"
-    }  # fmt: skip
+    assert set(state) == {"centres", "fitted"}  # the running sums are no buffers
+    assert {name for name, _ in bank.named_buffers()} == {"centres", "fitted"}
     restored = MemoryBank(dim=2, height=4, width=4, gamma_c=4)
     restored.load_state_dict(state)
     assert torch.equal(restored.centres, bank.centres) and bool(restored.fitted)
@@ -62,3 +60,19 @@ def test_empty_bank_and_bad_shapes_fail_clearly():
         bank.update(torch.zeros(1, 2, 3, 3))
     with pytest.raises(ValueError, match="gamma_c"):
         MemoryBank(dim=2, height=2, width=2, gamma_c=5)
+
+
+def test_checkpoint_with_the_pruned_search_buffers_loads():
+    """Banks saved before the lean search carry centre_mean, basis, basis_norm, search_dims,
+    group_of (and, from older code, _sum/_count): they are dropped on load, strictly."""
+    bank = MemoryBank(dim=4, height=2, width=3)
+    bank.update(torch.randn(2, 4, 2, 3))
+    bank.finalize()
+    old = dict(bank.state_dict())
+    old.update(centre_mean=torch.zeros(4), basis=torch.eye(4), search_dims=torch.tensor(4),
+               basis_norm=torch.tensor(1.0, dtype=torch.float64),
+               group_of=torch.zeros(6, dtype=torch.int64),
+               _sum=torch.zeros(4, 2, 3, dtype=torch.float64), _count=torch.tensor(2.0))  # fmt: skip
+    restored = MemoryBank(dim=4, height=2, width=3)
+    restored.load_state_dict(old)  # strict=True
+    assert torch.equal(restored.centres, bank.centres) and bool(restored.fitted)

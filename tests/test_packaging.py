@@ -91,3 +91,21 @@ def test_the_installed_wheel_trains_and_predicts_from_any_folder(dist, tmp_path)
     job = _run([bin_dir / "cfa-train", "--config-dir", "my_conf", "+experiment=mine", "--cfg", "job"],
                work).stdout  # fmt: skip
     assert "seed: 7" in job and "tf_efficientnet_lite0" in job
+
+
+def test_the_base_and_the_deploy_extra_need_no_torch():
+    """`pip install 'cfa-lightning[deploy]'` stays torch-free; training asks for [train]."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    torch_stack = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm")
+
+    def names(reqs: list[str]) -> set[str]:
+        return {req.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip() for req in reqs}
+
+    deploy = names(project["dependencies"] + extras["deploy"] + extras["openvino"])
+    assert not deploy & set(torch_stack), deploy
+    assert {"numpy", "pillow", "onnxruntime", "openvino", "hydra-core"} <= deploy
+    assert set(torch_stack) <= names(extras["train"])
+    assert "cfa-lightning[train,export,deploy,openvino,int8]" in extras["test"]

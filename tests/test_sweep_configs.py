@@ -53,7 +53,9 @@ def test_resolution_sweep_covers_both_paper_settings(hydra_ctx):
 
 def test_ddp_trainer_config(hydra_ctx):
     cfg = compose("train", overrides=["trainer=ddp"])
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    assert cfg.trainer.devices == 2
+    assert cfg.trainer.strategy._target_ == "pytorch_lightning.strategies.DDPStrategy"
+    assert cfg.trainer.strategy.broadcast_buffers is False  # no buffer copies before each step
 
 
 def test_wandb_names_and_groups_outside_a_sweep(hydra_ctx):
@@ -83,8 +85,10 @@ def test_tune_sweep_optimises_validation_with_a_seeded_tpe(hydra_ctx):
     assert "tune_report" in cfg.hydra.callbacks
 
 
-def test_paper_experiment_trains_on_all_of_train_good(hydra_ctx):
-    cfg = compose("train", overrides=["+experiment=wide_resnet50"])
+def test_paper_protocol_trains_on_all_of_train_good(hydra_ctx):
+    cfg = compose("train", overrides=["+experiment=wide_resnet50", "+protocol=paper"])
     assert cfg.data.val_fraction == 0 and cfg.model_selection == "last"
+    validated = compose("train", overrides=["+experiment=wide_resnet50"])
+    assert validated.data.val_fraction == 0.1 and validated.model_selection == "best_val"
     assert cfg.data.split_seed == 0  # fixed: the training seed varies the initialisation only
     assert compose("train", overrides=["seed=5"]).data.split_seed == 0

@@ -77,6 +77,10 @@ def test_split_does_not_follow_the_training_seed(synthetic_root):
 def test_too_few_validation_images_names_the_options(synthetic_root):
     with pytest.raises(ValueError, match=r"at least 4 normal validation images.*data.val_fraction"):
         _dm(synthetic_root, val_fraction=0.1)
+    # 12 training images: 0.3 is the smallest fraction that holds out 4 (0.29 holds out 3)
+    with pytest.raises(ValueError, match=r"set data.val_fraction=0.3 or more"):
+        _dm(synthetic_root, val_fraction=0.2)
+    assert _dm(synthetic_root, val_fraction=0.3).val_set.n_normal == 4
     with pytest.raises(ValueError, match=r"found 0.*data.val_anomalies=none"):
         _dm(synthetic_root, val_fraction=0.0)
 

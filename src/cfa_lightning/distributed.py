@@ -1,9 +1,14 @@
 """DDP helpers: a rank's own share of a loader, and which evaluation samples are sampler padding.
 
-Under DDP, Lightning gives each evaluation loader a ``DistributedSampler`` that pads the dataset
-with repeated indices until it splits evenly over the ranks. The repeats sit at the end of each
-rank's list, so a rank keeps the first ``len(range(rank, n, world_size))`` samples it sees.
-The bank loader gets no padding at all: each rank reads ``range(rank, n, world_size)``.
+Two ways of sharding, both Lightning's samplers, because the loops differ:
+- the bank pass is this project's own loop with one reduction at its end, so each rank reads an
+  unpadded share, ``range(rank, n, world_size)`` (Lightning's ``UnrepeatedDistributedSampler``),
+  and every training image counts exactly once in the mean;
+- the evaluation loops are Lightning's, and the Trainer itself gives every evaluation loader a
+  padded ``DistributedSampler`` (equal step counts on every rank). The repeats sit at the end of
+  each rank's list, so a rank keeps the first ``len(range(rank, n, world_size))`` samples it sees
+  (``PaddingFilter``). Moving evaluation to the unpadded sampler would need rank-aware loaders in
+  the datamodule; the filter keeps the datamodule free of ranks.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -21,26 +27,20 @@ def world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-class ShardSampler(Sampler[int]):
-    """Dataset indices ``rank, rank + world, ...``: every sample read by exactly one rank, no
-    padding, so the ranks may get different counts."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.indices = range(rank, n, world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def shard_loader(loader: DataLoader, rank: int, world: int) -> DataLoader:
     """The same loader (batch size, workers, collate) reading only this rank's share, in order."""
+    n = len(loader.dataset)
+    if n < world:
+        raise ValueError(
+            f"{n} training image(s) cannot be shared over {world} ranks (each rank needs one); "
+            "lower trainer.devices or trainer.num_nodes"
+        )
     return DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,
-        sampler=ShardSampler(len(loader.dataset), rank, world),
+        sampler=UnrepeatedDistributedSampler(
+            loader.dataset, num_replicas=world, rank=rank, shuffle=False
+        ),
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,

@@ -1,14 +1,18 @@
-"""Export a trained model with its pre- and postprocessing inside the graph.
+"""Export a trained model for deployment: a graph plus metadata.json, scored by deploy.Inferencer.
 
-    python -m cfa_lightning.export ckpt_path=... format=onnx|torchscript [output_dir=...]
+    python -m cfa_lightning.export ckpt_path=... format=onnx|openvino|torchscript \
+        [quantize=int8 calibration_dir=<training images>] [output_dir=...]
 
-The exported graph takes (B, 3, H, W) float images in [0, 1] of any size (dynamic batch), resizes
-them to the training resolution (bilinear; the centre crop too, if training used one),
-normalises with the backbone's mean/std, scores, and returns
+The graph takes (B, 3, h, w) float images in [0, 1] at the model's input size (dynamic batch),
+already resized (and centre-cropped) like training: deploy.preprocess does that on the host.
+It normalises with the backbone's mean/std, scores, and returns
     scores (B,)  raw image scores        normalized_scores (B,)  threshold at 0.5
     maps (B, h, w)  raw anomaly maps at the model resolution (upsampled + blurred)
-A metadata.json beside it states the input size, normalisation, thresholds, backbone, taps,
-gamma_c, gamma_d, package version and git revision.
+metadata.json states the format version, the resize and crop, the thresholds and normalisation,
+the overlays' colour scale, the backbone, taps, gamma_c, gamma_d, package version and git revision.
+
+format=openvino converts with `openvino.convert_model` and saves float32 IR (model.xml/.bin);
+quantize=int8 then applies NNCF post-training quantisation, calibrated on training images only.
 """
 
 from __future__ import annotations
@@ -20,40 +24,40 @@ import subprocess
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from . import __version__
-from .checkpoint import exits_on_checkpoint_error, load_checkpoint
+from .checkpoint import CheckpointError, exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR
+from .deploy import FORMAT_VERSION, preprocess
+from .images import IMAGE_EXTENSIONS, load_rgb
 from .models.cfa import CFA
 from .sizes import as_size
+from .visualize import HeatScale
 
 log = logging.getLogger("cfa_lightning.export")
-FORMATS = ("onnx", "torchscript")
+FORMATS = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.torchscript.pt"}
+# What INT8 quantises: the backbone's layers only (descriptor, search and map stay float32), or all.
+QUANTIZE_SCOPES = ("backbone", "all")
+# OpenVINO names a node by the module that ran it: "__module.model/aten::addmm/MatMul" (the
+# search), "__module.model.descriptor/...", "__module.model.blur/..."; the backbone's convolutions
+# are "__module.model.backbone..." or, BatchNorm folded in, "Multiply_<n>".
+NOT_BACKBONE = r"^__module(\.model(\.(descriptor|blur|calibration|bank))?)?/.*"
 
 
 class ExportableCFA(nn.Module):
-    """Resize (+ crop) -> CFA -> raw and normalised scores and maps, in one graph."""
+    """CFA -> raw and normalised scores and maps, in one graph (input at the model's size)."""
 
-    def __init__(self, model: CFA, image_size=None, crop_size=None) -> None:
+    def __init__(self, model: CFA) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()  # the caller's model keeps its chunking
         self.model.chunk_bytes = None  # one block: a loop-free graph (batch size stays dynamic)
-        self.resize = (
-            as_size(image_size, "data.image_size") if image_size is not None else model.input_size
-        )
-        self.crop = as_size(crop_size, "data.crop_size") if crop_size is not None else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = F.interpolate(images, size=self.resize, mode="bilinear", align_corners=False)
-        if self.crop is not None:
-            top = (self.resize[0] - self.crop[0]) // 2
-            left = (self.resize[1] - self.crop[1]) // 2
-            x = x[:, :, top : top + self.crop[0], left : left + self.crop[1]]
-        out = self.model(x)
+        out = self.model(images)  # (B, 3, h, w) in [0, 1] -> scores (B,), maps (B, h, w)
         cal = self.model.calibration
         normalized = cal.normalize(out.image_scores, cal.image_threshold)
         return out.image_scores, normalized, out.maps
@@ -67,21 +71,35 @@ def git_revision() -> str:
         return "unknown"
 
 
-def metadata(wrapper: ExportableCFA, hparams: dict) -> dict:
-    model, cal = wrapper.model, wrapper.model.calibration
+def _finite(value: Tensor) -> float | None:
+    return float(value) if torch.isfinite(value) else None  # JSON has no NaN
+
+
+def metadata(model: CFA, hparams: dict, data: dict, fmt: str) -> dict:
+    cal = model.calibration
+    resize = as_size(data.get("image_size") or list(model.input_size), "data.image_size")
+    crop = as_size(data["crop_size"], "data.crop_size") if data.get("crop_size") else None
+    scale = HeatScale.from_calibration(cal)
+    h, w = model.input_size
     return {
-        "inputs": {"images": "float32 (B, 3, H, W) in [0, 1], RGB, any H and W"},
+        "format_version": FORMAT_VERSION,
+        "format": fmt,
+        "model_file": FORMATS[fmt],
+        "precision": "fp32",
+        "inputs": {"images": f"float32 (B, 3, {h}, {w}) in [0, 1], RGB: resized to `resize` "
+                             "(antialiased bilinear), clamped, centre-cropped to `crop`"},
         "outputs": {"scores": "(B,)", "normalized_scores": "(B,), threshold at 0.5",
-                    "maps": f"(B, {model.input_size[0]}, {model.input_size[1]}) raw anomaly maps"},
-        "resize": list(wrapper.resize),
-        "crop": list(wrapper.crop) if wrapper.crop else None,
-        "input_size": list(model.input_size),
+                    "maps": f"(B, {h}, {w}) raw anomaly maps"},
+        "resize": list(resize),
+        "crop": list(crop) if crop else None,
+        "input_size": [h, w],
         "normalization": {"mean": model.backbone.mean.flatten().tolist(),
-                          "std": model.backbone.std.flatten().tolist()},
+                          "std": model.backbone.std.flatten().tolist(), "in_graph": True},
         "calibrated": bool(cal.fitted),
-        "image_threshold": float(cal.image_threshold),
-        "pixel_threshold": float(cal.pixel_threshold),
+        "image_threshold": _finite(cal.image_threshold),
+        "pixel_threshold": _finite(cal.pixel_threshold),
         "normalization_low": float(cal.low),
+        "heat_scale": scale._asdict() if scale else None,
         "backbone": model.backbone.name,
         "taps": list(model.backbone.out_indices),
         "gamma_c": hparams.get("gamma_c"),
@@ -93,39 +111,138 @@ def metadata(wrapper: ExportableCFA, hparams: dict) -> dict:
     }  # fmt: skip
 
 
-def export(ckpt_path: str | Path, fmt: str, output_dir: str | Path) -> Path:
+def training_images(data: dict, calibration_dir: str | Path | None) -> list[Path]:
+    """Images to calibrate INT8 on: `calibration_dir`, else the checkpoint's training folder."""
+    if calibration_dir is None:
+        root = Path(data.get("root", "."))
+        normal = data.get("normal_dir")
+        folder = root / normal if normal else root / data.get("category", "") / "train" / "good"
+    else:
+        folder = Path(calibration_dir)
+    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(
+            f"calibration_dir={str(folder)!r} holds no image; give a folder of training images "
+            "(never the test set) for quantize=int8"
+        )
+    return images
+
+
+def _onnx(wrapper: ExportableCFA, example: Tensor, path: Path) -> None:
+    try:
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=False, opset_version=17,
+            input_names=["images"], output_names=["scores", "normalized_scores", "maps"],
+            dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"},
+                          "normalized_scores": {0: "batch"}, "maps": {0: "batch"}},
+        )  # fmt: skip
+    except ImportError as err:
+        raise ImportError(
+            "ONNX export needs the export extra: pip install 'cfa-lightning[export]'"
+        ) from err
+
+
+def _openvino(wrapper: ExportableCFA, example: Tensor):
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ImportError(
+            "format=openvino needs OpenVINO: pip install 'cfa-lightning[openvino]'"
+        ) from err
+    traced = torch.jit.trace(wrapper, (example,), check_trace=False)  # the graph ONNX gets
+    model = ov.convert_model(
+        traced, example_input=example, input=[ov.PartialShape([-1, *example.shape[1:]])]
+    )
+    for output, name in zip(model.outputs, ("scores", "normalized_scores", "maps"), strict=True):
+        output.get_tensor().set_names({name})
+    return model
+
+
+def quantize_int8(model, images: list[Path], resize, crop, scope: str, subset_size: int):
+    """NNCF post-training INT8 quantisation of an OpenVINO model, calibrated on `images`."""
+    try:
+        import nncf
+    except ImportError as err:
+        raise ImportError("quantize=int8 needs NNCF: pip install 'cfa-lightning[int8]'") from err
+    if scope not in QUANTIZE_SCOPES:
+        raise ValueError(f"quantize_scope={scope!r}; choose one of {QUANTIZE_SCOPES}")
+
+    def to_input(path: Path) -> np.ndarray:
+        return preprocess(load_rgb(path), resize, crop)[None]  # (1, 3, h, w)
+
+    ignored = None
+    if scope == "backbone":  # the nodes of CFA itself, its descriptor and blur stay float32
+        ignored = nncf.IgnoredScope(patterns=[NOT_BACKBONE], validate=False)
+    dataset = nncf.Dataset(images, to_input)
+    return nncf.quantize(
+        model, dataset, subset_size=min(subset_size, len(images)), ignored_scope=ignored
+    )
+
+
+def export(
+    ckpt_path: str | Path,
+    fmt: str,
+    output_dir: str | Path,
+    quantize: str | None = None,
+    calibration_dir: str | Path | None = None,
+    quantize_scope: str = "backbone",
+    subset_size: int = 300,
+) -> Path:
+    """Export a checkpoint (see export_model); resize, crop and training folder come from it."""
     from .models.lit_module import CFALitModule
 
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
     ckpt = load_checkpoint(ckpt_path)
     module = CFALitModule.from_checkpoint_dict(ckpt, ckpt_path)
     data = ckpt.get("datamodule_hyper_parameters", {})
-    wrapper = ExportableCFA(module.model, data.get("image_size"), data.get("crop_size")).eval()
+    return export_model(module.model, dict(module.hparams), data, fmt, output_dir, quantize,
+                        calibration_dir, quantize_scope, subset_size)  # fmt: skip
+
+
+def export_model(
+    model: CFA,
+    hparams: dict,
+    data: dict,
+    fmt: str,
+    output_dir: str | Path,
+    quantize: str | None = None,
+    calibration_dir: str | Path | None = None,
+    quantize_scope: str = "backbone",
+    subset_size: int = 300,
+) -> Path:
+    """Write the graph and metadata.json of a fitted model to output_dir; returns the graph's path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}; choose one of {', '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}; choose null or int8")
+    if quantize and fmt != "openvino":
+        raise ValueError("quantize=int8 needs format=openvino (NNCF quantises OpenVINO IR)")
+    wrapper = ExportableCFA(model).eval()
+    meta = metadata(model, hparams, data, fmt)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = torch.rand(2, 3, *wrapper.resize)
+    path = out_dir / FORMATS[fmt]
+    example = torch.rand(2, 3, *model.input_size)
     if fmt == "onnx":
-        path = out_dir / "model.onnx"
-        try:
-            torch.onnx.export(
-                wrapper, (example,), str(path), dynamo=False, opset_version=17,
-                input_names=["images"], output_names=["scores", "normalized_scores", "maps"],
-                dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "scores": {0: "batch"},
-                              "normalized_scores": {0: "batch"}, "maps": {0: "batch"}},
-            )  # fmt: skip
-        except ImportError as err:
-            raise ImportError(
-                "ONNX export needs the export extra: pip install 'cfa-lightning[export]'"
-            ) from err
+        _onnx(wrapper, example, path)
+    elif fmt == "openvino":
+        with torch.no_grad():
+            ov_model = _openvino(wrapper, example)
+        if quantize:
+            images = training_images(data, calibration_dir)
+            crop = tuple(meta["crop"]) if meta["crop"] else None
+            ov_model = quantize_int8(ov_model, images, tuple(meta["resize"]), crop,
+                                     quantize_scope, subset_size)  # fmt: skip
+            meta.update(precision="int8", quantize_scope=quantize_scope,
+                        calibration={"folder": str(images[0].parent), "images": len(images),
+                                     "used": min(subset_size, len(images))})  # fmt: skip
+        import openvino as ov
+
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)  # fp32 weights stay fp32
     else:
-        path = out_dir / "model.torchscript.pt"
         with torch.no_grad():
             traced = torch.jit.trace(wrapper, (example,), check_trace=False)
         traced.save(str(path))
-    (out_dir / "metadata.json").write_text(
-        json.dumps(metadata(wrapper, dict(module.hparams)), indent=2) + "\n"
-    )
+    (out_dir / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s and metadata.json to %s", path.name, out_dir)
     return path
 
@@ -133,7 +250,13 @@ def export(ckpt_path: str | Path, fmt: str, output_dir: str | Path) -> Path:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @exits_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
-    export(cfg.ckpt_path, cfg.format, cfg.output_dir)
+    try:
+        export(cfg.ckpt_path, cfg.format, cfg.output_dir, cfg.quantize, cfg.calibration_dir,
+               cfg.quantize_scope, cfg.calibration_subset)  # fmt: skip
+    except (ValueError, ImportError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Score new images: `python -m cfa_lightning.predict ckpt_path=... input=... output_dir=...`.
+"""Score new images with a checkpoint (PyTorch) or an export (onnxruntime / OpenVINO, no torch):
+
+    python -m cfa_lightning.predict ckpt_path=<last.ckpt> input=... output_dir=...
+    python -m cfa_lightning.predict model_dir=<cfa-export folder> runtime=openvino input=...
 
 Writes per image an overlay (image | heat map | predicted-defect contour), the binary mask as PNG,
 optionally the raw map as .npy, and one predictions.csv. Unreadable files are reported by name,
-skipped, and counted at the end.
+skipped, and counted at the end. With model_dir= this module imports no torch (Hydra, numpy,
+Pillow and the runtime only): it runs where only `cfa-lightning[deploy]` is installed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import csv
 import glob
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,11 +23,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from .checkpoint import exits_on_checkpoint_error
 from .config import CONFIG_DIR
-from .data.mvtec import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE
-from .data.transforms import load_rgb
-from .inference import Predictor
+from .deploy import DeployError, Inferencer, default_threads
+from .images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_rgb
 from .visualize import HeatScale, overlay_panel
 
 log = logging.getLogger("cfa_lightning.predict")
@@ -63,11 +66,33 @@ def output_stems(paths: list[Path]) -> list[str]:
     return names
 
 
+def load_scorer(cfg: DictConfig):
+    """The PyTorch `Predictor` (ckpt_path=) or the torch-free `deploy.Inferencer` (model_dir=),
+    and the fixed colour scale of its overlays (None: uncalibrated)."""
+    ckpt_path, model_dir = cfg.get("ckpt_path"), cfg.get("model_dir")
+    if (ckpt_path is None) == (model_dir is None):
+        raise DeployError(
+            "give either ckpt_path=<checkpoint> (PyTorch) or model_dir=<cfa-export folder> "
+            "(onnxruntime / OpenVINO), not both nor neither"
+        )
+    if model_dir is not None:
+        scorer = Inferencer(model_dir, cfg.runtime, cfg.get("threads") or default_threads())
+        return scorer, scorer.heat_scale
+    from .checkpoint import CheckpointError  # torch: only on this branch
+    from .inference import Predictor
+
+    try:
+        scorer = Predictor.from_checkpoint(ckpt_path, device=cfg.device)
+    except CheckpointError as err:
+        raise DeployError(str(err)) from None
+    return scorer, HeatScale.from_calibration(scorer.model.calibration)
+
+
 def predict(cfg: DictConfig) -> tuple[int, int]:
     """Returns (images scored, files skipped)."""
-    predictor = Predictor.from_checkpoint(cfg.ckpt_path, device=cfg.device)
+    predictor, fixed_scale = load_scorer(cfg)
     if not predictor.calibrated:
-        log.warning("the checkpoint has no calibrated thresholds: decisions and masks are left out")
+        log.warning("the model has no calibrated thresholds: decisions and masks are left out")
     paths = resolve_inputs(str(cfg.input), cfg.recursive)
     stems = dict(zip(paths, output_stems(paths), strict=True))
     out = Path(cfg.output_dir)
@@ -96,8 +121,7 @@ def predict(cfg: DictConfig) -> tuple[int, int]:
             if cfg.save_npy:
                 np.save(out / f"{stem}_map.npy", result.anomaly_map)
             if cfg.overlays:  # the model's fixed colour scale; uncalibrated: this map's range
-                scale = HeatScale.from_calibration(predictor.model.calibration)
-                scale = scale or HeatScale.spanning([result.anomaly_map])
+                scale = fixed_scale or HeatScale.spanning([result.anomaly_map])
                 panel = overlay_panel(np.asarray(image), scale(result.anomaly_map), result.mask)
                 Image.fromarray(panel).save(out / f"{stem}_overlay.png")
             rows.append([str(path), f"{result.score:.6g}", f"{result.normalized_score:.4f}",
@@ -113,9 +137,11 @@ def predict(cfg: DictConfig) -> tuple[int, int]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-@exits_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    try:
+        predict(cfg)
+    except (DeployError, FileNotFoundError) as err:  # one line naming the file or option
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,35 @@
 """Model selection and sweep objectives that never look at the test set.
 
-- ``model_selection: last`` tests the last epoch's model (the paper's protocol);
-  ``best_val`` tests the checkpoint with the best ``selection_metric`` on validation.
-- The value returned to a sweeper (``optimized_metric``) may be a ``test/...`` metric only for
-  sweepers that do not select (Hydra's basic sweeper just reports it); a sweeper that selects,
-  such as Optuna, would tune on the test set, so such a run is refused.
+- ``model_selection: best_val`` (the validated default) tests the epoch with the best
+  ``selection_metric`` on validation: Lightning's ``ModelCheckpoint(monitor=...)`` keeps it,
+  ``EarlyStopping`` ends the fit, and ``trainer.test(ckpt_path="best")`` scores it once.
+  ``SelectionCheck`` stops a run whose validation cannot produce the metric at the first
+  validation, and records every validated epoch for ``metrics.json``.
+- ``model_selection: last`` tests the last epoch's model (``+protocol=paper``).
+- A ``test/...`` metric is never the value returned to a sweeper (``check_objective``).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 __all__ = [
     "MODEL_SELECTION",
-    "BestValCheckpoint",
+    "SelectionCheck",
     "check_objective",
+    "check_selection",
+    "find_callback",
     "require_sweeper_plugin",
     "selects",
     "sweeper_target",
 ]
 
-MODEL_SELECTION = ("last", "best_val")
-# Sweepers that choose the next trials or a winner from the returned value.
-SELECTING_SWEEPERS = ("optuna", "nevergrad", "ax")
+MODEL_SELECTION = ("best_val", "last")
+BASIC_SWEEPER = "BasicSweeper"  # Hydra's grid sweeper: runs every job and chooses nothing
 
 
 def sweeper_target() -> str | None:
@@ -41,22 +43,21 @@ def sweeper_target() -> str | None:
 
 
 def selects(sweeper: str | None) -> bool:
-    """Whether a sweeper (its ``_target_``) chooses trials or a winner by the returned value."""
-    return bool(sweeper) and any(name in sweeper.lower() for name in SELECTING_SWEEPERS)
+    """Whether a sweeper chooses trials or a winner by the returned value: all but the basic one."""
+    return bool(sweeper) and not str(sweeper).endswith(BASIC_SWEEPER)
 
 
-def check_objective(metric: str | None, sweeper: str | None) -> None:
-    """Refuse a test-set objective under a sweeper that selects on it."""
-    if not metric or not str(metric).startswith("test/") or not sweeper:
-        return
-    if selects(sweeper):
+def check_objective(metric: str | None, multirun: bool) -> None:
+    """Refuse a ``test/...`` objective in any sweep, whatever the sweeper."""
+    if multirun and metric and str(metric).startswith("test/"):
         raise ValueError(
-            f"optimized_metric={metric} with the sweeper {sweeper}: that sweeper selects "
-            "hyper-parameters by the value it gets back, so it would tune on the test set and "
-            "its best trial's test score would be optimistically biased. Optimise a validation "
-            "metric instead (optimized_metric=val/pixel_AUPRO with data.val_anomalies=synthetic, "
-            "as +sweep=tune does) and test the chosen configuration once "
-            "(experiments/tune_then_test.py). Hydra's basic sweeper may still report test metrics."
+            f"optimized_metric={metric}: a sweep never returns a test metric. A sweeper that "
+            "selects would tune on the test set (its best trial's test score optimistically "
+            "biased), and a grid's returned values invite the same choice by hand. Optimise a "
+            "validation metric (optimized_metric=val/pixel_AUPRO with "
+            "data.val_anomalies=synthetic, the default) and test the chosen configuration "
+            "once (experiments/tune_then_test.py); every job's test metrics stay in its "
+            "metrics.json."
         )
 
 
@@ -80,58 +81,101 @@ def check_selection(rule: str) -> str:
     return rule
 
 
-class BestValCheckpoint(pl.Callback):
-    """Saves ``<dirpath>/best.ckpt`` whenever ``monitor`` improves on validation.
+def find_callback(callbacks: list[Any], kind: type) -> Any:
+    """The first callback of a kind (None if there is none)."""
+    return next((c for c in callbacks if isinstance(c, kind)), None)
 
-    Records the chosen epoch, its value and all validation metrics of that epoch
-    (``best_epoch``, ``best_value``, ``best_metrics``). Ties keep the earlier epoch. An epoch
-    without the metric (no validation run, or the metric undefined) is skipped.
+
+def check_selection_callbacks(callbacks: list[Any], metric: str, mode: str) -> ModelCheckpoint:
+    """``model_selection=best_val`` needs a ModelCheckpoint that keeps the best ``metric``."""
+    checkpoint = find_callback(callbacks, ModelCheckpoint)
+    if checkpoint is None or checkpoint.monitor != metric or checkpoint.save_top_k < 1:
+        found = "none" if checkpoint is None else f"monitor={checkpoint.monitor!r}"
+        raise ValueError(
+            f"model_selection=best_val tests the best {metric} on validation, which needs "
+            f"callbacks.model_checkpoint with monitor={metric} and save_top_k >= 1 "
+            f"(conf/callbacks/selection.yaml; found {found}). Keep callbacks=default or "
+            "callbacks=selection, or test the last epoch: +protocol=last_epoch."
+        )
+    if checkpoint.mode != mode:
+        raise ValueError(
+            f"selection_mode={mode} but callbacks.model_checkpoint.mode={checkpoint.mode}"
+        )
+    stopper = find_callback(callbacks, EarlyStopping)
+    if stopper is not None and stopper.monitor != metric:
+        raise ValueError(
+            f"callbacks.early_stopping.monitor={stopper.monitor} but selection_metric={metric}: "
+            "early stopping and the checkpoint it keeps must watch the same metric."
+        )
+    return checkpoint
+
+
+class SelectionCheck(pl.Callback):
+    """Fails fast when validation cannot select, and records every validated epoch.
+
+    At the start of fit: no validation images at all stops the run (``data.val_fraction``). At
+    the first validation: ``monitor`` not logged stops the run, naming the option that produces
+    it, before any epoch is trained for nothing. ``history`` maps each validated epoch to its
+    ``val/...`` scalars (kept in checkpoints, so a resumed fit keeps it).
     """
 
-    def __init__(self, dirpath: str | Path, monitor: str = "val/pixel_AUPRO", mode: str = "max"):
+    def __init__(self, monitor: str = "val/pixel_AUPRO") -> None:
         super().__init__()
-        if mode not in ("max", "min"):
-            raise ValueError(f"selection_mode={mode!r}; choose max or min")
-        self.dirpath = Path(dirpath)
         self.monitor = monitor
-        self.mode = mode
-        self.best_epoch: int | None = None
-        self.best_value: float | None = None
-        self.best_metrics: dict[str, float] = {}
-        self.history: list[tuple[int, float]] = []
+        self.history: dict[int, dict[str, float]] = {}
 
-    @property
-    def best_path(self) -> Path:
-        return self.dirpath / "best.ckpt"
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        loader = datamodule.val_dataloader() if datamodule is not None else None
+        if trainer.limit_val_batches == 0 or (loader is not None and len(loader) == 0):
+            self._no_validation()
 
-    def _better(self, value: float) -> bool:
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.mode == "max" else value < self.best_value
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A validation that was due this epoch and did not run: stop now, not after max_epochs.
+        due = (trainer.current_epoch + 1) % (trainer.check_val_every_n_epoch or 1) == 0
+        if due and trainer.current_epoch not in self.history:
+            self._no_validation()
+
+    def _no_validation(self) -> None:
+        raise ValueError(
+            f"model_selection=best_val selects on {self.monitor}, but this run has no "
+            "validation images: keep data.val_fraction > 0 (default 0.1) or give a "
+            "validation folder (data=folder data.val_dir=...), and keep "
+            "trainer.limit_val_batches > 0; or test the last epoch: +protocol=paper."
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None or not math.isfinite(float(value)):
-            return
-        value = float(value)
-        epoch = trainer.current_epoch
-        self.history.append((epoch, value))
-        if self._better(value):
-            self.best_epoch, self.best_value = epoch, value
-            self.best_metrics = {
-                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
-            }
-            trainer.save_checkpoint(self.best_path)  # every rank calls it; rank 0 writes
-            rank_zero_info(f"best {self.monitor} so far: {value:.4f} at epoch {epoch}")
-
-    def summary(self) -> dict[str, Any]:
-        """What metrics.json records about the selection."""
-        return {
-            "rule": "best_val",
-            "metric": self.monitor,
-            "mode": self.mode,
-            "epoch": self.best_epoch,
-            "value": self.best_value,
+        logged = trainer.callback_metrics
+        if self.monitor not in logged:
+            available = sorted(k for k in logged if k.startswith("val/")) or ["(none)"]
+            raise ValueError(
+                f"selection_metric={self.monitor} was not logged by validation (logged: "
+                f"{', '.join(available)}). Anomaly metrics (val/image_AUROC, val/pixel_AUROC, "
+                "val/pixel_AUPRO) need anomalies in the validation split: "
+                "data.val_anomalies=synthetic (the default) or a data.val_dir with defect "
+                "subfolders; or set selection_metric to a logged metric (selection_mode=min "
+                "for val/loss)."
+            )
+        self.history[trainer.current_epoch] = {
+            k: float(v) for k, v in logged.items() if k.startswith("val/")
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {int(e): dict(m) for e, m in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {int(e): dict(m) for e, m in state_dict.get("history", {}).items()}
+
+    def metrics_at(self, epoch: int | None) -> dict[str, float]:
+        """The validation scalars of a validated epoch ({} if it was not validated)."""
+        return dict(self.history.get(epoch, {})) if epoch is not None else {}
+
+    def curve(self) -> list[list[float]]:
+        """``[epoch, value]`` of ``monitor`` for every validated epoch, in order."""
+        return [
+            [epoch, metrics[self.monitor]]
+            for epoch, metrics in sorted(self.history.items())
+            if self.monitor in metrics and math.isfinite(metrics[self.monitor])
+        ]

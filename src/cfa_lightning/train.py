@@ -1,24 +1,36 @@
-"""Train CFA, then test the last epoch's (or the best validated) model: `python -m cfa_lightning.train`."""
+"""Train CFA, select the epoch on validation, test it once: `python -m cfa_lightning.train`.
+
+The validated protocol (the default): epoch 0 validates the un-adapted phi and trains nothing,
+epochs 1..``trainer.max_epochs`` train; ``EarlyStopping`` ends the fit, ``ModelCheckpoint``
+keeps the best ``selection_metric`` and ``trainer.test(ckpt_path="best")`` scores it. Epoch k
+in logs, checkpoint names and ``metrics.json`` is the model after k training epochs.
+``+protocol=paper``: all of train/good, 30 epochs, the last one tested, no validation.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from .checkpoint import exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR, is_multirun
+from .precision import check_precision
 from .selection import (
-    BestValCheckpoint,
+    SelectionCheck,
     check_objective,
     check_selection,
+    check_selection_callbacks,
+    find_callback,
     require_sweeper_plugin,
     selects,
     sweeper_target,
@@ -35,69 +47,157 @@ from .utils import (
 )
 
 
+def tests_after_fit(cfg: DictConfig) -> bool:
+    """``test_after_fit``; unset (null): test, except in a sweep whose sweeper selects."""
+    value = cfg.get("test_after_fit")
+    if value is None:
+        return not (is_multirun() and selects(sweeper_target()))
+    return bool(value)
+
+
+def _resumed_checkpoint_dir(ckpt: dict[str, Any]) -> str | None:
+    """The checkpoint folder of the fit a checkpoint was saved by (to continue in it)."""
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("dirpath"):
+            return str(state["dirpath"])
+    return None
+
+
+def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list, epoch0: bool, **kw):
+    max_epochs = cfg.trainer.get("max_epochs")
+    if epoch0 and max_epochs is not None and max_epochs >= 0:
+        kw.setdefault("max_epochs", max_epochs + 1)  # + the untrained epoch 0
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kw)
+
+
+def refit(
+    cfg: DictConfig, epochs: int, loggers: list, test: bool
+) -> tuple[pl.LightningModule, float]:
+    """Retrain on all of train/good for ``epochs`` epochs (same seed, bank from all images).
+
+    The refit model has no held-out images, so no validation and no calibrated thresholds;
+    its checkpoint is ``checkpoints/refit.ckpt``. Returns the model (tested once if ``test``)
+    and the fit's wall time.
+    """
+    pl.seed_everything(cfg.seed, workers=True)  # the same phi init as the selected run
+    datamodule = instantiate(cfg.data, val_fraction=0.0, val_anomalies="none")
+    model = instantiate(cfg.model, untrained_epoch=False)
+    others = [
+        c
+        for c in instantiate_dict(cfg.get("callbacks"))
+        if not isinstance(c, SelectionCheck | EarlyStopping | ModelCheckpoint)
+    ]  # progress bar and test media
+    trainer = _build_trainer(cfg, others, [], False, max_epochs=epochs, limit_val_batches=0,
+                             enable_checkpointing=False)  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, weights_only=True)
+    fit_time = time.perf_counter() - start
+    trainer.save_checkpoint(output_dir() / "checkpoints" / "refit.ckpt")
+    if test:  # a fresh trainer: the test metrics go to the run's loggers
+        tester = _build_trainer(cfg, others, loggers, False)
+        tester.test(model, datamodule=datamodule)
+    return model, fit_time
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_precision(cfg.trainer)  # bf16 on a GPU without it: one line naming trainer.precision
+    resumed = None
     if cfg.get("ckpt_path"):  # resume: a missing, truncated or unsafe file stops here, in one line
-        load_checkpoint(cfg.ckpt_path)
-    rule = check_selection(cfg.get("model_selection", "last"))
+        resumed = load_checkpoint(cfg.ckpt_path)
+    rule = check_selection(cfg.get("model_selection", "best_val"))
+    metric, mode = cfg.get("selection_metric", "val/pixel_AUPRO"), cfg.get("selection_mode", "max")
+    epoch0 = bool(cfg.get("validate_untrained", False))
+    trained = 0 if epoch0 else 1  # Lightning's epoch e is the model after e + trained epochs
+    test = tests_after_fit(cfg)
     pl.seed_everything(cfg.seed, workers=True)  # phi's init, and so the bank, depend on the seed
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, untrained_epoch=epoch0)
     loggers = instantiate_dict(cfg.get("logger"))
     with closing_loggers(loggers):
         callbacks = instantiate_dict(cfg.get("callbacks"))
-        selector = None
-        if rule == "best_val":  # keep the checkpoint with the best validation metric
-            selector = BestValCheckpoint(
-                output_dir() / "checkpoints",
-                cfg.get("selection_metric", "val/pixel_AUPRO"),
-                cfg.get("selection_mode", "max"),
-            )
-            callbacks.append(selector)
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        checkpoint = None
+        if rule == "best_val":
+            checkpoint = check_selection_callbacks(callbacks, metric, mode)
+        resumed_dir = _resumed_checkpoint_dir(resumed) if resumed else None
+        if resumed_dir and Path(resumed_dir).is_dir():
+            # Continue in the interrupted fit's folder: ModelCheckpoint then restores its best
+            # score and path (from another folder it would forget the score, and keep a worse
+            # epoch as the best), and last.ckpt goes on beside it.
+            for saver in callbacks:
+                if isinstance(saver, ModelCheckpoint):
+                    saver.dirpath = resumed_dir
+            log.info("resuming: checkpoints continue in %s", resumed_dir)
+        checker = find_callback(callbacks, SelectionCheck)
+        stopper = find_callback(callbacks, EarlyStopping)
+        trainer = _build_trainer(cfg, callbacks, loggers, epoch0)
         for logger in loggers:
             logger.log_hyperparams(plain(cfg))
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         train_time = time.perf_counter() - start
+        stopped = trainer.current_epoch - 1 + trained  # the last epoch run, in trained epochs
         val_metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
         }  # of the last validated epoch
-        selection: dict[str, Any] = {"rule": "last", "epoch": trainer.current_epoch - 1}
-        if selector is None:
-            trainer.test(model, datamodule=datamodule)  # the last epoch's weights
-        elif selector.best_epoch is None:
-            raise RuntimeError(
-                f"model_selection=best_val: {selector.monitor} was never logged on validation; "
-                "set data.val_anomalies=synthetic (or a validation folder with anomalies), or "
-                "choose another selection_metric"
+        selection: dict[str, Any] = {"rule": rule, "epoch": stopped, "stopped_epoch": stopped}
+        test_ckpt = None  # None: the weights in memory (the last epoch)
+        if rule == "best_val":
+            if not checkpoint.best_model_path:
+                raise RuntimeError(
+                    f"model_selection=best_val: no epoch had a finite {metric} on validation, so "
+                    "there is no best checkpoint; see the validation logs"
+                )
+            best = load_checkpoint(checkpoint.best_model_path)["epoch"]  # Lightning's index
+            val_metrics = (
+                checker.metrics_at(best)
+                if checker
+                else {metric: float(checkpoint.best_model_score)}
             )
-        else:  # the epoch chosen on validation; the test set is used once, here
-            trainer.test(model, datamodule=datamodule, ckpt_path=selector.best_path)
-            val_metrics, selection = selector.best_metrics, selector.summary()
-        selection["val_metric"] = cfg.get("selection_metric")
-        selection["val_value"] = val_metrics.get(cfg.get("selection_metric", ""))
-        metrics = dict(model.test_results)
+            selection.update(
+                metric=metric,
+                mode=mode,
+                epoch=best + trained,
+                value=float(checkpoint.best_model_score),
+                checkpoint=str(checkpoint.best_model_path),
+                early_stopped=bool(stopper is not None and stopper.stopped_epoch > 0),
+                patience=stopper.patience if stopper is not None else None,
+            )
+            test_ckpt = "best"  # the epoch chosen on validation; the test set is used once
+        if checker is not None:
+            selection["val_curve"] = [[e + trained, v] for e, v in checker.curve()]
+        refit_time = None
+        if cfg.get("refit", False):
+            model, refit_time = refit(cfg, selection["epoch"], loggers, test)
+        elif test:
+            trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
+        metrics = dict(model.test_results) if test else {}
         if trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes
             path = write_metrics(
                 output_dir() / "metrics.json",
                 metrics,
                 **job_info(cfg),
                 status="ok",
+                protocol=cfg.get("protocol"),
                 input_size=plain(cfg.model.input_size),
-                epochs=trainer.current_epoch,
+                epochs=stopped,
                 selection=selection,
                 val_metrics=val_metrics,
+                tested=test,
+                refit=refit_time is not None,
                 train_time_s=round(train_time, 2),
+                refit_time_s=None if refit_time is None else round(refit_time, 2),
                 world_size=trainer.world_size,
                 radius_final=float(model.model.loss_fn.radius.detach()),
             )
-            print(
-                format_table(
-                    metrics,
-                    f"CFA test metrics ({cfg.data.category}, {cfg.backbone.name}, seed {cfg.seed})",
+            if metrics:
+                title = (
+                    f"CFA test metrics ({cfg.data.category}, {cfg.backbone.name}, seed {cfg.seed})"
                 )
-            )
-            log.info("metrics written to %s", path)
+                print(format_table(metrics, title))
+            log.info(
+                "epoch %s chosen (%s), training stopped at epoch %s; metrics written to %s",
+                selection["epoch"], rule, stopped, path,
+            )  # fmt: skip
     return {**val_metrics, **metrics}  # "val/..." and "test/..." keys
 
 
@@ -124,7 +224,7 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
 def _hydra_main(cfg: DictConfig) -> Any:
     objective = cfg.get("optimized_metric")
     sweeper = sweeper_target()
-    check_objective(objective, sweeper)  # before any work: never tune on the test set
+    check_objective(objective, is_multirun())  # before any work: never tune on the test set
     try:
         metrics = train(cfg)
     except Exception as err:

@@ -2,8 +2,9 @@
 
 ``TuneReport`` (a Hydra callback, set by ``conf/sweep/tune.yaml``) writes into the sweep folder:
 
-- ``trials.csv``: one row per trial: job folder, status, swept values, the objective, every
-  validation metric and, for the proxy study only, the test metrics each trial also computed;
+- ``trials.csv``: one row per trial: job folder, status, swept values, the objective and every
+  validation metric (test metrics only when the trials were asked to score the test set,
+  ``test_after_fit=true``: the proxy study of ``experiments/tune_then_test.py --proxy``);
 - ``best.json``: the sweeper's best parameters and value (``optimization_results.yaml``), the
   trial that reached it and the command below;
 - ``best_command.txt``: ``python -m cfa_lightning.train`` with the sweep's own overrides (less
@@ -23,15 +24,17 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .utils import job_results
+
 log = logging.getLogger("cfa_lightning")
 
-__all__ = ["TuneReport", "best_command", "read_trials", "spearman"]
+__all__ = ["TuneReport", "best_command", "override_value", "read_trials"]
 
 
-def _override_value(value: Any) -> str:
+def override_value(value: Any) -> str:
     """A value as Hydra's override grammar reads it back (lists as ``[a,b]``)."""
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
@@ -45,23 +48,22 @@ def _parse_override(text: str) -> tuple[str, str] | None:
 
 
 def read_trials(sweep_dir: str | Path, objective: str | None = None) -> list[dict[str, Any]]:
-    """Every job folder's metrics.json as a flat row (sorted by job number)."""
-    sweep_dir = Path(sweep_dir)
+    """Every trial's metrics.json as a flat row, in job order (trials that left none are skipped)."""
     rows = []
-    for job_dir in sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()):
-        result = json.loads((job_dir / "metrics.json").read_text())
-        row: dict[str, Any] = {"job": job_dir.name, "status": result.get("status", "ok")}
+    for job_dir, result in job_results(sweep_dir).items():
+        if result is None:
+            continue
+        row: dict[str, Any] = {"job": job_dir.name, "status": result["status"]}
         for override in result.get("overrides", []):
             parsed = _parse_override(override)
             if parsed and not parsed[0].startswith("hydra"):
                 row[f"param:{parsed[0]}"] = parsed[1]
         val = result.get("val_metrics", {})
-        row["objective"] = val.get(objective, result.get("metrics", {}).get(objective, math.nan))
+        row["objective"] = val.get(objective, result["metrics"].get(objective, math.nan))
         row.update(val)
-        row.update(result.get("metrics", {}))
+        row.update(result["metrics"])
         row["train_time_s"] = result.get("train_time_s")
         rows.append(row)
-    rows.sort(key=lambda r: int(r["job"].split("_", 1)[0]) if r["job"][0].isdigit() else 0)
     return rows
 
 
@@ -85,36 +87,8 @@ def best_command(task_overrides: list[str], best_params: dict[str, Any]) -> str:
         if key == "sweep" or key.startswith("hydra") or key in best_params:
             continue
         kept.append(override)
-    chosen = [f"{k}={_override_value(v)}" for k, v in best_params.items()]
+    chosen = [f"{k}={override_value(v)}" for k, v in best_params.items()]
     return " ".join(["python -m cfa_lightning.train", *map(shlex.quote, kept + chosen)])
-
-
-def _ranks(values: list[float]) -> list[float]:
-    """Average ranks (1-based), ties sharing the mean of their positions."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation of paired values (NaN pairs dropped; NaN if < 3 pairs)."""
-    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return math.nan
-    rx, ry = _ranks([a for a, _ in pairs]), _ranks([b for _, b in pairs])
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return cov / (sx * sy) if sx > 0 and sy > 0 else math.nan
 
 
 class TuneReport(Callback):

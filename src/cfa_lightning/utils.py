@@ -1,4 +1,8 @@
-"""Small helpers shared by the entry points: instantiating lists, results files, closing loggers."""
+"""Small helpers shared by the entry points: instantiating lists, results files, closing loggers.
+
+``metrics.json`` is written by ``write_metrics`` and read by ``read_metrics`` / ``job_results``
+only (the tuning report, the sweep status and ``experiments/aggregate.py`` all go through them).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning.loggers import WandbLogger
 
 log = logging.getLogger("cfa_lightning")
+
+METRICS_FILE = "metrics.json"
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -41,6 +46,42 @@ def write_metrics(path: Path, metrics: dict[str, float], **info: Any) -> Path:
     payload = {"metrics": metrics, **info}
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def read_metrics(job_dir: str | Path) -> dict[str, Any] | None:
+    """A job folder's metrics.json, with ``status`` ("ok" unless it says otherwise) and
+    ``metrics`` always present; None when the job left no such file."""
+    path = Path(job_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it or rerun that job") from None
+    result.setdefault("status", "ok")
+    result.setdefault("metrics", {})
+    return result
+
+
+def _job_order(job_dir: Path) -> tuple[int, str]:
+    """Hydra's job folders start with the job number: 2_x before 10_x."""
+    number = job_dir.name.split("_", 1)[0]
+    return (int(number) if number.isdigit() else -1, str(job_dir))
+
+
+def job_results(root: str | Path, recursive: bool = False) -> dict[Path, dict[str, Any] | None]:
+    """The job folders of a sweep with their metrics.json, in job order.
+
+    ``recursive=False``: every visible sub-folder of ``root``, None for a job that left no
+    metrics.json (it died outside Python). ``recursive=True``: every folder under ``root``
+    holding a metrics.json (several sweeps, or a single run's folder).
+    """
+    root = Path(root)
+    if recursive:
+        folders = [p.parent for p in root.rglob(METRICS_FILE)]
+    else:
+        folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return {folder: read_metrics(folder) for folder in sorted(folders, key=_job_order)}
 
 
 def job_info(cfg: DictConfig) -> dict[str, Any]:
@@ -82,6 +123,8 @@ def closing_loggers(loggers: list[Any]) -> Iterator[None]:
         exit_code = 1
         raise
     finally:
+        from pytorch_lightning.loggers import WandbLogger  # here: results readers need no Lightning
+
         for logger in loggers:
             experiment_finish = getattr(getattr(logger, "_experiment", None), "finish", None)
             if callable(experiment_finish):

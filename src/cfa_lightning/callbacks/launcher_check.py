@@ -8,8 +8,9 @@ jobs under a launcher whose jobs cannot start their own ranks.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
-import threading
+import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -39,19 +40,20 @@ def check_plugin(target: str, preset: str) -> None:
 
 
 def check_ray_address(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """A given Ray address must answer as a Ray cluster within ``timeout_s``, else stop.
+    """A given Ray address must answer as a gRPC server within ``timeout_s``, else stop.
 
-    ``ray.init`` retries an address that does not answer for a long time; here a TCP connection
-    and, for a ``host:port`` head address, a call to its GCS, each bounded by the timeout, decide.
+    ``ray.init`` retries an address that does not answer for a long time. Both a head's GCS
+    (``host:port``) and a Ray Client server (``ray://host:port``) speak gRPC, so one bounded probe
+    decides: a TCP connection, then the HTTP/2 preface, to which a gRPC server answers with its
+    SETTINGS frame. A refused port, a host that never answers and a silent or foreign service stop
+    here; everything after that is ``ray.init``'s, as the launcher calls it.
     """
     if not address or address in ("auto", "local"):
         return  # a local Ray is started (or found) by ray.init itself
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()  # reachable?
-        if not address.startswith("ray://"):  # a Ray Client server is not a GCS
-            _probe_gcs(address, timeout_s)
-    except (OSError, ValueError, RuntimeError) as err:
+        _probe_grpc(host, int(port), timeout_s)
+    except (OSError, ValueError) as err:
         raise LauncherCheckError(
             f"Ray cluster at hydra.launcher.ray.init.address={address} cannot be reached within "
             f"{timeout_s:.0f} s ({type(err).__name__}: {err}). Start it (ray start --head) or fix "
@@ -59,30 +61,37 @@ def check_ray_address(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOU
         ) from None
 
 
-def _probe_gcs(address: str, timeout_s: float) -> None:
-    """Connect to the cluster's GCS in a thread, so that an address that never answers cannot hang."""
-    from ray._raylet import GcsClient
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4  # frame type of a SETTINGS frame, the first frame a server sends
 
-    errors: list[Exception] = []
 
-    def connect() -> None:
-        try:
-            GcsClient(address=address)
-        except Exception as err:  # Ray's RpcError and friends
-            errors.append(err)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise RuntimeError("no answer from its GCS")
-    if errors:
-        raise RuntimeError(f"not a Ray GCS: {errors[0]}")
+def _probe_grpc(host: str, port: int, timeout_s: float) -> None:
+    """Connect, send the HTTP/2 preface and read the server's first frame header, all within
+    ``timeout_s``; raise OSError or ValueError unless it is a SETTINGS frame."""
+    deadline = time.monotonic() + timeout_s
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(_HTTP2_PREFACE)
+        if os.environ.get("RAY_USE_TLS", "0") not in ("0", ""):
+            return  # a TLS server does not answer a plain preface; reachable is all we can tell
+        header = b""
+        while len(header) < 9:  # length (3 bytes), type, flags, stream id (4)
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            chunk = sock.recv(9 - len(header))
+            if not chunk:
+                raise ValueError("the connection was closed without an answer: not a Ray server")
+            header += chunk
+    if header[3] != _HTTP2_SETTINGS:
+        raise ValueError("it answered, but not as a gRPC server: not a Ray GCS or client server")
 
 
 def uses_ddp(trainer: DictConfig) -> bool:
     """True when Lightning would start one process per device (and restart the script for them)."""
-    strategy = str(trainer.get("strategy", ""))
+    strategy = trainer.get("strategy", "")
+    if isinstance(strategy, DictConfig):  # trainer=ddp: DDPStrategy(...) through `_target_`
+        if not str(strategy.get("_target_", "")).endswith(".DDPStrategy"):
+            return False
+        return strategy.get("start_method", "popen") == "popen"
+    strategy = str(strategy)
     return strategy.startswith("ddp") and "spawn" not in strategy
 
 
@@ -91,7 +100,7 @@ def check_ddp(trainer: DictConfig | None, target: str) -> None:
     if trainer is None or not uses_ddp(trainer) or target == SLURM_LAUNCHER:
         return
     raise LauncherCheckError(
-        f"trainer.strategy={trainer.strategy} inside a multirun with {target.rpartition('.')[2]}: "
+        f"DDP (trainer=ddp) inside a multirun with {target.rpartition('.')[2]}: "
         "Lightning would restart the script for every rank, which a sweep job cannot do. Use "
         "hydra/launcher=slurm (one SLURM task per GPU, trainer.num_nodes nodes) for DDP jobs, or "
         "hydra/launcher=ray_gpus with trainer=gpu (one GPU per job, jobs in parallel); run DDP "

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 from PIL import Image
+from pytorch_lightning.utilities import rank_zero_info
 
 from ..metrics import is_anomalous
 from ..visualize import HeatScale, overlay_panel
@@ -19,6 +20,9 @@ class TestOverlays(pl.Callback):
     and every defect), one row each: image | heat map | predicted (red) and true (green) defect.
 
     The sample is the first images of each type in the (unshuffled) test order: fixed and bounded.
+    Under DDP only rank 0 draws, from its own share of the test set (the distributed sampler
+    deals images rank, rank + world, ...): the files are then `<defect type>_rank0of<world>.png`
+    and the log says so.
     All heat maps share the model's colour scale (`visualize.HeatScale`, shown as a colour bar
     under each grid with the calibrated pixel threshold marked); predicted defect = map >= that
     threshold. An uncalibrated model gets one min-max scale over all the saved maps, no contour.
@@ -57,6 +61,13 @@ class TestOverlays(pl.Callback):
         )
         threshold = float(cal.pixel_threshold) if bool(cal.fitted) else None
         self.dirpath.mkdir(parents=True, exist_ok=True)
+        world = trainer.world_size
+        suffix = f"_rank0of{world}" if world > 1 else ""
+        share = f"rank 0's share (1/{world}) of the test set" if world > 1 else "the test set"
+        rank_zero_info(
+            f"test overlays: the first {self.per_type} images of each type in {share} -> "
+            f"{self.dirpath}"
+        )
         for defect, rows in self._rows.items():
             panels = []
             for image, fmap, truth in rows:
@@ -64,4 +75,4 @@ class TestOverlays(pl.Callback):
                 panels.append(overlay_panel(image, scale(fmap), mask, truth))
             grid = np.concatenate(panels, axis=0)  # (n * H, 3W, 3)
             grid = np.concatenate([grid, scale.colour_bar(grid.shape[1])], axis=0)
-            Image.fromarray(grid).save(self.dirpath / f"{defect}.png")
+            Image.fromarray(grid).save(self.dirpath / f"{defect}{suffix}.png")

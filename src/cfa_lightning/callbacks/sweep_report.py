@@ -11,24 +11,18 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ..utils import job_results
+
 log = logging.getLogger("cfa_lightning")
 
 
 def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
     """Every job folder of a sweep with its status: "ok", "failed" or "missing" (no metrics.json)."""
-    sweep_dir = Path(sweep_dir)
     jobs: dict[str, str] = {}
     errors: dict[str, str] = {}
-    for job_dir in sorted(
-        p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-    ):
-        path = job_dir / "metrics.json"
-        if not path.is_file():
-            jobs[job_dir.name] = "missing"
-            continue
-        result = json.loads(path.read_text())
-        jobs[job_dir.name] = result.get("status", "ok")
-        if result.get("error"):
+    for job_dir, result in job_results(sweep_dir).items():
+        jobs[job_dir.name] = "missing" if result is None else result["status"]
+        if result and result.get("error"):
             errors[job_dir.name] = result["error"]
     failed = [name for name, status in jobs.items() if status != "ok"]
     return {"n_jobs": len(jobs), "n_failed": len(failed), "failed": failed, "errors": errors,

@@ -26,7 +26,7 @@ from .transforms import ImageMaskTransform
 from .val_anomalies import SyntheticAnomalyConfig, SyntheticValidationSet
 from .verify import verify_samples
 
-__all__ = ["VAL_ANOMALIES", "AnomalyDataModule", "split_train_val"]
+__all__ = ["VAL_ANOMALIES", "AnomalyDataModule", "smallest_val_fraction", "split_train_val"]
 
 VAL_ANOMALIES = ("none", "synthetic")
 
@@ -52,6 +52,16 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     generator = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(n, generator=generator).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def smallest_val_fraction(n: int, n_val: int) -> float | None:
+    """The smallest ``data.val_fraction`` (in steps of 0.01) that holds out ``n_val`` of ``n``."""
+    for percent in range(1, 100):
+        fraction = percent / 100
+        _, val = split_train_val(n, fraction, 0)
+        if len(val) >= n_val:
+            return fraction
+    return None
 
 
 class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
@@ -146,14 +156,24 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         normal = [s for s in val if s.label == 0]
         need = self.synthetic_config.min_images
         if len(normal) < need:
+            if getattr(self, "folders", {}).get("val_dir"):
+                fix = "put more normal images in data.val_dir"
+            else:
+                n = len(val) + len(self.train_set)  # the images the split is drawn from
+                fraction = smallest_val_fraction(n, need)
+                fix = (
+                    f"set data.val_fraction={fraction} or more (the smallest that holds out "
+                    f"{need} of these {n} images)"
+                    if fraction is not None
+                    else f"{n} training images are too few: synthetic validation needs {need} "
+                    "held out and at least one left to train on"
+                )
             raise ValueError(
                 f"data.val_anomalies=synthetic needs at least {need} normal validation images "
                 f"(data.synthetic_anomalies.min_images), found {len(normal)} "
-                f"(data.val_fraction={self.val_fraction} of {len(normal) + len(self.train_set)} "
-                "training images"
-                + (", data.val_dir" if hasattr(self, "folders") else "")
-                + "). Raise data.val_fraction, give a validation folder (data=folder "
-                "data.val_dir=...), or set data.val_anomalies=none."
+                f"(data.val_fraction={self.val_fraction}): {fix}; or give a validation folder "
+                "(data=folder data.val_dir=...), or validate without anomalies and test the "
+                "last epoch (data.val_anomalies=none +protocol=last_epoch)."
             )
         return SyntheticValidationSet(MVTecDataset(normal, self.transform), self.synthetic_config)
 

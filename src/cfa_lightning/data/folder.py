@@ -16,6 +16,7 @@ without abnormal images it scores the normal ones and says AUROC cannot be compu
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from .base import AnomalyDataModule, split_train_val
 from .layout import GOOD, Sample, _subfolders
 
-__all__ = ["FolderDataModule", "pil_extensions", "scan_folder"]
+__all__ = ["FolderDataModule", "check_disjoint", "pil_extensions", "scan_folder"]
 
 
 def pil_extensions() -> tuple[str, ...]:
@@ -166,6 +167,32 @@ def scan_folder(
     return {"normal": normal, "abnormal": abnormal, "normal_test": normal_test, "val": val}
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_disjoint(val: list[Sample], test: list[Sample]) -> None:
+    """Stop when a data.val_dir image is also a test image: the same file, or the same bytes."""
+    test_files = {Path(s.path).resolve(): s for s in test}
+    by_size: dict[int, list[Path]] = {}
+    for path in test_files:
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    for sample in val:
+        path = Path(sample.path).resolve()
+        same = path if path in test_files else None
+        if same is None:
+            candidates = by_size.get(path.stat().st_size, [])
+            if candidates:
+                digest = _digest(path)
+                same = next((t for t in candidates if _digest(t) == digest), None)
+        if same is not None:
+            raise ValueError(
+                f"data.val_dir: {sample.path} is also a test image ({same}): validation would "
+                "select on the test set. Remove it from data.val_dir, or point data.val_dir at "
+                "images that are not in data.abnormal_dirs / data.normal_test_dir."
+            )
+
+
 class FolderDataModule(AnomalyDataModule):
     """Train on a folder of normal images; test on held-out normal and optional abnormal ones."""
 
@@ -206,7 +233,9 @@ class FolderDataModule(AnomalyDataModule):
             keep, held = split_train_val(len(normal), self.test_fraction, self.split_seed + 1)
             normal, normal_test = [normal[i] for i in keep], [normal[i] for i in held]
         val = found["val"]
-        if not val:
+        if val:
+            check_disjoint(val, normal_test + found["abnormal"])
+        else:
             train_idx, val_idx = split_train_val(len(normal), self.val_fraction, self.split_seed)
             normal, val = [normal[i] for i in train_idx], [normal[i] for i in val_idx]
         test = normal_test + found["abnormal"]

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ..images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE  # torch-free; re-exported here
+
 __all__ = [
     "GOOD",
     "IMAGE_EXTENSIONS",
@@ -52,12 +54,8 @@ MVTEC_CATEGORIES: tuple[str, ...] = (
     "wood",
     "zipper",
 )
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 GOOD = "good"
-# Smallest image side (pixels) accepted: below it an image carries too little detail to be
-# resized to data.image_size meaningfully (a 16 px image would be upscaled 16x to 256).
-MIN_IMAGE_SIDE = 32
 
 
 class CategoryCounts(NamedTuple):

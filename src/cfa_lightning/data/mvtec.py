@@ -12,7 +12,7 @@ from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from .base import AnomalyDataModule, _resolve_root, split_train_val
+from .base import AnomalyDataModule, split_train_val
 from .dataset import MVTecDataset
 from .download import ensure_archive_extracted
 from .layout import (
@@ -25,7 +25,6 @@ from .layout import (
     CategoryCounts,
     Sample,
     _check_known_counts,
-    _subfolders,
     check_category_dir,
     count_samples,
     list_images,
@@ -44,8 +43,6 @@ __all__ = [
     "MVTecDataModule",
     "MVTecDataset",
     "Sample",
-    "_resolve_root",
-    "_subfolders",
     "check_category_dir",
     "count_samples",
     "list_images",

@@ -212,7 +212,7 @@ class SyntheticDataModule(MVTecDataModule):
         self,
         root: str,
         category: str = "synthetic",
-        n_train: int = 32,
+        n_train: int = 40,
         n_test_good: int = 12,
         n_test_defect: int = 12,
         generate_size: int | Sequence[int] = (128, 128),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -12,29 +11,30 @@ from ..sizes import as_size
 from .backbone import Backbone
 from .calibration import Calibration
 from .descriptor import PatchDescriptor
-from .loss import CFALoss
-from .memory_bank import MemoryBank
-from .scoring import (
-    DEFAULT_CHUNK_BYTES,
-    GaussianBlur,
-    anomaly_map,
-    patch_scores,
+from .distances import (
+    block_budget,
+    nearest,
+    row_bytes,
     selected_squared_distances,
+    smallest_chunk_mb,
     squared_distances,
 )
-from .search import SearchStats, nearest
+from .loss import CFALoss
+from .maps import CFAOutput, GaussianBlur, score_maps
+from .memory_bank import MemoryBank
 
-
-class CFAOutput(NamedTuple):
-    image_scores: Tensor  # (B,) max of the blurred map
-    maps: Tensor  # (B, H, W) blurred anomaly map at the input resolution
+__all__ = ["CFA", "CFAOutput"]
 
 
 class CFA(nn.Module):
     """Coupled-hypersphere-based Feature Adaptation (Lee, Lee & Song 2022), without training policy.
 
-    `forward(images)` takes (B, 3, H, W) images in [0, 1] and returns image scores and maps. The
-    bank must be built first (`bank.update` over the training set, then `bank.finalize`).
+    `forward(images)` takes (B, 3, H, W) images in [0, 1] and returns float32 image scores and
+    maps. The bank must be built first (`bank.update` over the training set, `bank.finalize`).
+    A pass calls `distances.nearest` once and `maps.score_maps` once.
+
+    chunk_bytes: memory budget of one search block; "auto" (CPU 32 MB, CUDA a share of free
+    memory), a number of bytes, or None for a single block (exported graphs).
     """
 
     def __init__(
@@ -51,10 +51,7 @@ class CFA(nn.Module):
         learn_radius: bool = True,
         blur_sigma: float = 4.0,
         kmeans_seed: int = 0,
-        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
-        search_dims: int | None = None,
-        search_groups: int | None = None,
-        prune: bool = False,
+        chunk_bytes: int | str | None = "auto",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -62,26 +59,23 @@ class CFA(nn.Module):
         self.K, self.J = K, J
         self.blur_sigma = blur_sigma
         self.blur = GaussianBlur(blur_sigma)
-        self.chunk_bytes = chunk_bytes
         self.descriptor = PatchDescriptor(backbone.channels, gamma_d)
         dim = self.descriptor.out_dim  # D'
-        if search_dims is not None and not 1 <= search_dims <= dim:
-            raise ValueError(
-                f"model.search_dims={search_dims} is outside the valid range 1..{dim} (D'); "
-                "null chooses it when the bank is built"
-            )
-        self.search_dims, self.prune = search_dims, prune
-        self.last_search: SearchStats | None = None  # what the last nearest-centre search did
         with torch.no_grad():  # (h, w) of the first tap at this input size
             h, w = backbone(torch.zeros(1, 3, *self.input_size))[0].shape[-2:]
-        self.bank = MemoryBank(
-            dim, h, w, gamma_c=gamma_c, seed=kmeans_seed, search_groups=search_groups
-        )
-        if self.bank.n_centres < K + J:
+        self.bank = MemoryBank(dim, h, w, gamma_c=gamma_c, seed=kmeans_seed)
+        m = self.bank.n_centres
+        if m < K + J:
             raise ValueError(
-                f"model.K + model.J = {K + J} exceeds the {self.bank.n_centres} centres of the bank; "
-                "lower model.gamma_c"
+                f"model.K + model.J = {K + J} exceeds the {m} centres of the bank; lower model.gamma_c"
             )
+        if chunk_bytes not in ("auto", None) and chunk_bytes < row_bytes(m, dim, K + J):
+            raise ValueError(
+                f"model.chunk_mb={chunk_bytes / 2**20:.2g} is too small for one row of the "
+                f"distance search ({m} centres x {dim} dims); use at least "
+                f"{smallest_chunk_mb(m, dim, K + J)} or auto"
+            )
+        self.chunk_bytes = chunk_bytes
         self.loss_fn = CFALoss(
             K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius
         )
@@ -97,6 +91,8 @@ class CFA(nn.Module):
         return desc.permute(0, 2, 3, 1).reshape(-1, desc.shape[1])
 
     def _require_bank(self) -> None:
+        if torch.compiler.is_compiling():  # the check is a host read; eager calls make it
+            return
         if not bool(self.bank.fitted):
             raise RuntimeError(
                 "the memory bank is not built; train the model or load a trained checkpoint"
@@ -107,9 +103,9 @@ class CFA(nn.Module):
     ) -> tuple[Tensor, CFAOutput | None]:
         """Training loss, and optionally the scores and maps of the same pass (no work twice).
 
-        Fast path: top-(K + J) under no_grad in chunks, then only those distances recomputed with
-        gradients. `naive=True` backpropagates through the full (patches x centres) product; it is
-        the reference the fast path is tested against.
+        Fast path: top-(K + J) under no_grad (`select`), then only those distances recomputed
+        with gradients. `naive=True` backpropagates through the full (patches x centres)
+        product; it is the reference the fast path is tested against.
         """
         self._require_bank()
         desc = self.describe(images)  # (B, D', h, w)
@@ -120,19 +116,17 @@ class CFA(nn.Module):
             d_all = squared_distances(p, centres)  # (N, M), with autograd
             sorted_sq = torch.topk(d_all, k, dim=1, largest=False, sorted=True).values
         else:
-            _, idx = self.nearest(p.detach(), k)
-            sorted_sq = selected_squared_distances(p, centres, idx, self.chunk_bytes)  # (N, K + J)
+            idx = self.select(p.detach())  # (N, K + J)
+            sorted_sq = selected_squared_distances(p, centres, idx)  # (N, K + J), ascending
         loss = self.loss_fn(sorted_sq)
         if not with_output:
             return loss, None
         return loss, self._output(sorted_sq.detach()[:, : self.K], desc.shape, images.shape[-2:])
 
     def _output(self, nearest_sq: Tensor, desc_shape, out_size) -> CFAOutput:
-        """(N, K) nearest squared distances -> image scores and blurred maps at out_size."""
+        """(N, K) nearest squared distances -> float32 image scores and maps at out_size."""
         b, _, h, w = desc_shape
-        scores = patch_scores(nearest_sq).view(b, h, w)  # (B, h, w)
-        maps = anomaly_map(scores, tuple(out_size), self.blur)  # (B, H, W)
-        return CFAOutput(maps.flatten(1).amax(dim=1), maps)
+        return score_maps(nearest_sq, (b, h, w), out_size, self.blur)
 
     def forward(self, images: Tensor) -> CFAOutput:
         self._require_bank()
@@ -141,11 +135,12 @@ class CFA(nn.Module):
         nearest_sq, _ = self.nearest(p, self.K)
         return self._output(nearest_sq, desc.shape, images.shape[-2:])
 
+    def select(self, p: Tensor) -> Tensor:
+        """The loss's no-grad step: indices (N, K + J) of each patch's K + J nearest centres."""
+        return self.nearest(p, self.K + self.J)[1]
+
     def nearest(self, p: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Exact k nearest centres of (N, D') patches: squared distances (direct differences,
-        float32, ascending) and indices, both (N, k). With `prune`, centre groups and principal
-        directions of the bank rule most centres out first; see search.py."""
-        index = self.bank.search_index(pruned=self.prune, dims=self.search_dims)
-        result = nearest(p, index, k, self.chunk_bytes)
-        self.last_search = result.stats
-        return result.values, result.indices
+        """k nearest centres of (N, D') patches: squared distances (float32, direct differences,
+        ascending) and indices, both (N, k); see distances.py."""
+        budget = block_budget(self.chunk_bytes, p.device)
+        return nearest(p, self.bank.search_index(), k, budget)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -28,6 +29,17 @@ from .backbone import Backbone
 from .cfa import CFA
 
 MIN_CALIBRATION_IMAGES = 20  # below this, a warning that the thresholds are unreliable
+# Options of the removed pruned search (and the naive-loss switch), still in older checkpoints.
+RETIRED_HPARAMS = {"search_dims", "search_groups", "prune", "naive_loss"}
+
+
+def chunk_budget_bytes(chunk_mb: float | str) -> int | str:
+    """model.chunk_mb -> CFA's chunk_bytes: "auto" stays, a number of MB becomes bytes."""
+    if chunk_mb == "auto":
+        return "auto"
+    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, int | float) or chunk_mb <= 0:
+        raise ValueError(f"model.chunk_mb={chunk_mb!r}; give a positive number of MB or auto")
+    return int(chunk_mb * 2**20)
 
 
 def build_backbone(cfg: Mapping[str, Any]) -> Backbone:
@@ -62,15 +74,13 @@ class CFALitModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         amsgrad: bool = True,
-        chunk_mb: int = 32,
-        naive_loss: bool = False,
+        lr_schedule: str = "none",
+        chunk_mb: float | str = "auto",
         threshold_quantile: float = 0.99,
         threshold_rule: str = "auto",
         val_pixel_stride: int = 2,
         compile: bool = False,
-        search_dims: int | None = None,
-        search_groups: int | None = None,
-        prune: bool = False,
+        untrained_epoch: bool = False,
     ) -> None:
         super().__init__()
         backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
@@ -89,10 +99,7 @@ class CFALitModule(pl.LightningModule):
             learn_radius=learn_radius,
             blur_sigma=blur_sigma,
             kmeans_seed=kmeans_seed,
-            chunk_bytes=chunk_mb * 2**20,
-            search_dims=search_dims,
-            search_groups=search_groups,
-            prune=prune,
+            chunk_bytes=chunk_budget_bytes(chunk_mb),
         )
         self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
@@ -100,6 +107,8 @@ class CFALitModule(pl.LightningModule):
         self._test_filter = PaddingFilter()  # drops the duplicates a DistributedSampler pads in
         if int(val_pixel_stride) < 1:
             raise ValueError(f"model.val_pixel_stride must be >= 1, got {val_pixel_stride}")
+        if lr_schedule not in ("none", "cosine"):
+            raise ValueError(f"model.lr_schedule={lr_schedule!r}; choose none or cosine")
         if threshold_rule not in ("auto", "quantile", "f1"):
             raise ValueError(
                 f"model.threshold_rule={threshold_rule!r}; choose auto, quantile or f1"
@@ -125,7 +134,8 @@ class CFALitModule(pl.LightningModule):
                 f"{path} is not a cfa-lightning checkpoint (no CFA hyper-parameters in it)"
             )
         backbone = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}
-        module = cls(**{**hparams, "backbone": backbone})
+        kept = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}  # older checkpoints
+        module = cls(**{**kept, "backbone": backbone})
         try:
             module.load_state_dict(ckpt["state_dict"])
         except RuntimeError as err:
@@ -144,7 +154,8 @@ class CFALitModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and not hasattr(self.model.describe, "_torchdynamo_orig_callable"):
-            # Backbone + descriptor only: the distance search has data-dependent chunking.
+            # Backbone + descriptor only (the search also traces, see tests/test_cfa.py, but is
+            # one large matmul per block already).
             self.model.describe = torch.compile(self.model.describe)
 
     # ---- memory bank -------------------------------------------------------------------------
@@ -190,7 +201,7 @@ class CFALitModule(pl.LightningModule):
         with precision:
             for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
                 bank.update(self.model.describe(batch["image"].to(self.device)))
-        total_sum, total_count = bank._sum.clone(), bank._count.clone()
+        total_sum, total_count = bank.running_sums()  # float64 temporaries of this build
         if world > 1:
             torch.distributed.all_reduce(total_sum)
             torch.distributed.all_reduce(total_count)
@@ -198,24 +209,53 @@ class CFALitModule(pl.LightningModule):
         bank.finalize(total_sum, total_count)
         if world > 1:
             torch.distributed.broadcast(bank.centres, src=0)
-            bank.fit_search()  # the search's basis and groups follow rank 0's centres
         rank_zero_info(
             f"memory bank built from {n_images} training images: {tuple(bank.centres.shape)} centres"
         )
 
     # ---- optimisation ------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]  # phi's CoordConv and r
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             params,
             lr=self.hparams.lr,
             weight_decay=self.hparams.weight_decay,
             amsgrad=self.hparams.amsgrad,
         )
+        if self.hparams.get("lr_schedule", "none") == "none":  # the paper's constant rate
+            return optimizer
+        # cosine: lr for the first trained epoch, decaying towards 0 over the trained epochs
+        # (trainer.max_epochs, less the untrained epoch 0 of a validated fit); stepped per epoch
+        offset = int(bool(self.hparams.get("untrained_epoch")))
+        epochs = max(int(self.trainer.max_epochs or 1) - offset, 1)
+
+        def factor(epoch: int) -> float:  # epoch: Lightning epochs finished so far
+            return 0.5 * (1.0 + math.cos(math.pi * max(epoch - offset, 0) / epochs))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
+        }
+
+    def _untrained_epoch(self) -> bool:
+        """Epoch 0 of a validated fit trains nothing: its validation scores the un-adapted phi,
+        so that selection can choose it (train.py: epoch k = the model after k training epochs)."""
+        return bool(self.hparams.get("untrained_epoch")) and self.current_epoch == 0
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if self._untrained_epoch():  # the closure runs (DDP syncs its zero gradients); no step,
+            optimizer_closure()  # so no weight decay, no AdamW state, no global step
+            return
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.model.loss(batch["image"], naive=self.hparams.naive_loss)
+        if self._untrained_epoch():
+            # A zero loss through the trainable parameters only (no backbone pass): DDP needs a
+            # backward on every rank, and returning None is refused under DDP.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        loss, _ = self.model.loss(batch["image"])
         bs = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log(
@@ -242,9 +282,8 @@ class CFALitModule(pl.LightningModule):
         if normal.any():  # val/loss and the calibration see the normal images only
             loss, out = self.model.loss(images[normal], with_output=True)
             bs = int(normal.sum())
-            self.log("val/loss", loss, prog_bar=True, batch_size=bs)
-            self.log("val/score_mean", out.image_scores.mean(), batch_size=bs)
-            self._log_search("val", bs)
+            self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+            self.log("val/score_mean", out.image_scores.mean(), batch_size=bs, sync_dist=True)
             scores[normal], maps[normal] = out.image_scores, out.maps
             self._val_scores.append(out.image_scores.detach())
             self._val_low = min(self._val_low, float(out.maps.min()))
@@ -340,17 +379,8 @@ class CFALitModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_filter = PaddingFilter(current_eval_loader(self.trainer))
 
-    def _log_search(self, stage: str, batch_size: int) -> None:
-        """What the exact pruned search skipped: the share of centres it never measured in full."""
-        stats = self.model.last_search
-        if stats is not None:
-            self.log(
-                f"{stage}/search_pruned_fraction", stats.pruned_fraction, batch_size=batch_size
-            )
-
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         out = self.model(batch["image"])
-        self._log_search("test", len(batch["image"]))
         keep = self._test_filter.keep(len(batch["image"]))
         n = len(keep) if keep is not None else len(batch["image"])  # real samples come first
         if n:
@@ -358,6 +388,10 @@ class CFALitModule(pl.LightningModule):
                 out.image_scores[:n], batch["label"][:n], out.maps[:n], batch["mask"][:n, 0]
             )
         return out  # for callbacks (W&B media)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        """`trainer.predict`: float32 image scores (B,) and maps (B, H, W), whatever the precision."""
+        return self.model(batch["image"])
 
     def on_test_epoch_end(self) -> None:
         # The best-F1 thresholds describe the test set, they are not deployable values: named

@@ -1,26 +1,25 @@
-"""Memory bank C: exact per-position mean of phi's initial output, optional k-means (spec section 2).
-
-Once C is final, the bank also fits what the exact pruned search (`search.py`) bounds with: the
-principal directions of its centres and a k-means grouping of them. Both are buffers, so
-checkpoints carry them.
-"""
+"""Memory bank C: exact per-position mean of phi's initial output, optional k-means (spec section 2)."""
 
 from __future__ import annotations
 
-import math
+import logging
 
 import torch
 from torch import Tensor, nn
 
-from .search import CentreGroups, SearchIndex
+from .distances import SearchIndex, build_index
 
-VARIANCE_KEPT = 0.9  # auto search_dims: the fewest principal directions keeping this variance
-GROUP_ITERATIONS = 25  # Lloyd iterations of the centre grouping (a coarse partition is enough)
-
-
-def auto_groups(n_centres: int) -> int:
-    """G, the number of centre groups when none is configured: about sqrt(M)."""
-    return max(1, round(math.sqrt(n_centres)))
+log = logging.getLogger(__name__)
+# Buffers of the pruned search, removed: checkpoints written before still carry them.
+RETIRED_BUFFERS = (
+    "centre_mean",
+    "basis",
+    "basis_norm",
+    "search_dims",
+    "group_of",
+    "_sum",
+    "_count",
+)
 
 
 def kmeans(
@@ -67,17 +66,11 @@ def kmeans(
 
 
 class MemoryBank(nn.Module):
-    """Holds C as buffers; sums and counts make the mean exact for any batch sizes."""
+    """Holds C as a buffer. While it is built, float64 sums and a count (plain tensors, not
+    buffers: nothing for DDP to broadcast, nothing in checkpoints) make the mean exact for any
+    batch sizes."""
 
-    def __init__(
-        self,
-        dim: int,
-        height: int,
-        width: int,
-        gamma_c: int = 1,
-        seed: int = 0,
-        search_groups: int | None = None,
-    ) -> None:
+    def __init__(self, dim: int, height: int, width: int, gamma_c: int = 1, seed: int = 0) -> None:
         super().__init__()
         if gamma_c < 1:
             raise ValueError(f"model.gamma_c must be >= 1, got {gamma_c}")
@@ -88,44 +81,43 @@ class MemoryBank(nn.Module):
             raise ValueError(
                 f"model.gamma_c={gamma_c} leaves no centres from a {height}x{width} feature map"
             )
-        if search_groups is not None and not 1 <= search_groups <= n_centres:
-            raise ValueError(
-                f"model.search_groups={search_groups} is outside the valid range 1..{n_centres} "
-                "(the bank's centres); null chooses it when the bank is built"
-            )
-        self.search_groups = search_groups
         self.register_buffer("centres", torch.zeros(n_centres, dim))  # (M, D')
         self.register_buffer("fitted", torch.tensor(False))
-        # Principal directions and groups of C for the pruned search, fitted with C (see fit_search).
-        self.register_buffer("centre_mean", torch.zeros(dim))  # mu (D',)
-        self.register_buffer("basis", torch.eye(dim))  # (D', D') columns by falling variance
-        self.register_buffer("basis_norm", torch.tensor(1.0, dtype=torch.float64))  # sigma
-        self.register_buffer("search_dims", torch.tensor(dim))  # auto-chosen k'; D' = no pruning
-        self.register_buffer("group_of", torch.zeros(n_centres, dtype=torch.int64))  # (M,) group
         self._index_cache: dict = {}
-        # Running statistics while the bank is being built (float64 for an exact mean).
-        self.register_buffer("_sum", torch.zeros(dim, height, width, dtype=torch.float64), False)
-        self.register_buffer("_count", torch.zeros((), dtype=torch.float64), False)
+        self._sum: Tensor | None = None  # (D', h, w) float64, only while the bank is built
+        self._count: Tensor | None = None  # () float64
 
     @property
     def n_centres(self) -> int:
         return self.centres.shape[0]
 
     def reset(self) -> None:
-        self._sum.zero_()
-        self._count.zero_()
+        self._sum = self._count = None
         self.fitted.fill_(False)
 
     @torch.no_grad()
     def update(self, descriptors: Tensor) -> None:
         """Add a batch of phi outputs (B, D', h, w) to the running sum."""
-        if descriptors.shape[1:] != self._sum.shape:
+        shape = (self.dim, self.height, self.width)
+        if tuple(descriptors.shape[1:]) != shape:
             raise ValueError(
                 f"descriptor shape {tuple(descriptors.shape[1:])} does not match the bank's "
-                f"{tuple(self._sum.shape)}; was the image size changed after the model was built?"
+                f"{shape}; was the image size changed after the model was built?"
             )
-        self._sum += descriptors.detach().to(torch.float64).sum(dim=0)
+        batch_sum = descriptors.detach().to(torch.float64).sum(dim=0)
+        if self._sum is None:
+            self._sum = torch.zeros_like(batch_sum)
+            self._count = torch.zeros((), dtype=torch.float64, device=batch_sum.device)
+        self._sum += batch_sum
         self._count += descriptors.shape[0]
+
+    def running_sums(self) -> tuple[Tensor, Tensor]:
+        """(sum (D', h, w), count ()) float64 of the batches seen since the last reset/finalize."""
+        if self._sum is None:
+            zero = torch.zeros((), dtype=torch.float64, device=self.centres.device)
+            return torch.zeros(self.dim, self.height, self.width, dtype=torch.float64,
+                               device=self.centres.device), zero  # fmt: skip
+        return self._sum, self._count
 
     @torch.no_grad()
     def finalize(self, total_sum: Tensor | None = None, total_count: Tensor | None = None) -> None:
@@ -133,8 +125,9 @@ class MemoryBank(nn.Module):
 
         `total_sum` / `total_count` let a distributed caller pass statistics reduced over ranks.
         """
-        s = self._sum if total_sum is None else total_sum
-        n = self._count if total_count is None else total_count
+        own_sum, own_count = self.running_sums()
+        s = own_sum if total_sum is None else total_sum
+        n = own_count if total_count is None else total_count
         if float(n) < 1:
             raise RuntimeError("memory bank has seen no training image; is the train split empty?")
         mean = (s / n).to(torch.float32)  # (D', h, w)
@@ -142,153 +135,24 @@ class MemoryBank(nn.Module):
         if self.gamma_c > 1:
             vectors = kmeans(vectors, self.n_centres, seed=self.seed)
         self.centres.copy_(vectors)
-        self.fit_search()
         self.fitted.fill_(True)
-        self._sum.zero_()
-        self._count.zero_()
-
-    @torch.no_grad()
-    def fit_search(self, variance_kept: float = VARIANCE_KEPT) -> None:
-        """What the pruned search bounds with: principal directions (float64) with the number k'
-        of them to use, and a grouping of the centres into G k-means groups.
-
-        k' is the fewest directions keeping `variance_kept` of the centres' variance; when that is
-        over D' / 4, a projection costs too much to pay and k' = D' (groups only). G is
-        `search_groups`, or about sqrt(M).
-        """
-        basis, mean, sigma, dims = principal_directions(self.centres, variance_kept)
-        self.centre_mean.copy_(mean)
-        self.basis.copy_(basis)
-        self.basis_norm.fill_(sigma)
-        self.search_dims.fill_(dims)
-        self.group_of.copy_(group_centres(self.centres, self.search_groups, self.seed))
+        self._sum = self._count = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from before the pruned search lack its buffers: fit them from the centres.
-        centres = state_dict.get(prefix + "centres")
-        if centres is not None and prefix + "basis" not in state_dict:
-            basis, mean, sigma, dims = principal_directions(centres)
-            state_dict[prefix + "centre_mean"] = mean
-            state_dict[prefix + "basis"] = basis
-            state_dict[prefix + "basis_norm"] = torch.tensor(sigma, dtype=torch.float64)
-            state_dict[prefix + "search_dims"] = torch.tensor(dims)
-        if centres is not None and prefix + "group_of" not in state_dict:
-            state_dict[prefix + "group_of"] = group_centres(centres, self.search_groups, self.seed)
+        # Checkpoints from before the lean search carry the pruned search's buffers: drop them.
+        retired = [prefix + name for name in RETIRED_BUFFERS if prefix + name in state_dict]
+        for key in retired:
+            del state_dict[key]
+        if retired:
+            log.info("checkpoint from an older version: ignored %s", ", ".join(retired))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def search_index(self, pruned: bool = False, dims: int | None = None) -> SearchIndex:
-        """Centred centres for `search.nearest`; pruned: with the groups, and with k' = `dims`
-        projected dimensions (None: the fitted k'; D': no projection).
-
-        Cached until a buffer changes (a new bank, a loaded checkpoint, a move to a device).
-        """
-        dim = self.centres.shape[1]
-        dims = int(self.search_dims) if dims is None else dims
-        if not 1 <= dims <= dim:
-            raise ValueError(f"model.search_dims={dims} is outside the valid range 1..{dim} (D')")
-        key = (pruned, dims) + tuple(
-            (t.device, t.data_ptr(), t._version)
-            for t in (self.centres, self.basis, self.centre_mean, self.group_of)
-        )
+    def search_index(self) -> SearchIndex:
+        """Centred centres and their squared norms for `distances.nearest`, built once and cached
+        until the centres change (a new bank, a loaded checkpoint, a move to a device)."""
+        if torch.compiler.is_compiling():  # traced into the graph: (M, D') work, no cache lookup
+            return build_index(self.centres)
+        key = (self.centres.device, self.centres.data_ptr(), self.centres._version)
         if self._index_cache.get("key") != key:
-            self._index_cache = {"key": key, "index": self._build_index(pruned, dims)}
+            self._index_cache = {"key": key, "index": build_index(self.centres)}
         return self._index_cache["index"]
-
-    @torch.no_grad()
-    def _build_index(self, pruned: bool, dims: int) -> SearchIndex:
-        centres = self.centres.float()
-        mean = self.centre_mean.float()
-        centred = (centres.double() - mean.double()).float()  # y (M, D'), one rounding
-        centred_sq = centred.square().sum(dim=1)
-        basis = projected = projected_sq = groups = None
-        projected_max = 0.0
-        if pruned:
-            groups = build_groups(centres, mean, self.group_of)
-            if dims < centres.shape[1]:
-                basis = self.basis[:, :dims].float().contiguous()  # W (D', k')
-                projected = (centred.double() @ basis.double()).float()  # W^T y (M, k')
-                projected_sq = projected.square().sum(dim=1)
-                projected_max = float(projected_sq.max().sqrt())
-        return SearchIndex(
-            centres=centres,
-            mean=mean,
-            centred=centred,
-            centred_sq=centred_sq,
-            centred_max=float(centred_sq.max().sqrt()),
-            groups=groups,
-            basis=basis,
-            projected=projected,
-            projected_sq=projected_sq,
-            projected_max=projected_max,
-            sigma=max(float(self.basis_norm), 1.0),
-        )
-
-
-@torch.no_grad()
-def group_centres(centres: Tensor, n_groups: int | None, seed: int) -> Tensor:
-    """(M,) group of every centre: k-means of the centres into G groups (G = n_groups or about
-    sqrt(M), at most M); groups that end up empty are simply absent."""
-    m = centres.shape[0]
-    g = min(n_groups or auto_groups(m), m)
-    means = kmeans(centres, g, n_iter=GROUP_ITERATIONS, seed=seed)
-    return torch.cdist(centres.float(), means).argmin(dim=1)
-
-
-@torch.no_grad()
-def build_groups(centres: Tensor, mean: Tensor, group_of: Tensor) -> CentreGroups:
-    """Group means, radii and members for the triangle-inequality bound of `search.py`.
-
-    The radius is measured from the group mean as the search uses it, mu + fl(mu_g - mu), in
-    float64, and padded by a relative 1e-9 for float64 rounding.
-    """
-    ids, group_of = torch.unique(group_of, return_inverse=True)  # drop empty groups
-    n_groups, device = ids.numel(), centres.device
-    c64 = centres.double()
-    count = torch.bincount(group_of, minlength=n_groups).double()
-    sums = torch.zeros(n_groups, c64.shape[1], dtype=torch.float64, device=device)
-    means = sums.index_add_(0, group_of, c64) / count.unsqueeze(1)  # (G, D')
-    centred = (means - mean.double()).float()  # fl(mu_g - mu): the group point the search sees
-    point = mean.double() + centred.double()
-    dist = (c64 - point[group_of]).norm(dim=1)  # (M,) float64
-    radius = torch.zeros(n_groups, dtype=torch.float64, device=device)
-    radius = radius.scatter_reduce(0, group_of, dist, reduce="amax") * (1 + 1e-9)
-    order = torch.argsort(group_of, stable=True)
-    members = tuple(order.split(torch.bincount(group_of, minlength=n_groups).tolist()))
-    centred_sq = centred.square().sum(dim=1)
-    return CentreGroups(
-        group_of=group_of,
-        members=members,
-        centred=centred,
-        centred_sq=centred_sq,
-        centred_max=float(centred_sq.max().sqrt()),
-        radius=radius,
-    )
-
-
-@torch.no_grad()
-def principal_directions(
-    centres: Tensor, variance_kept: float = VARIANCE_KEPT
-) -> tuple[Tensor, Tensor, float, int]:
-    """(M, D') centres -> basis (D', D') by falling variance, mean (D',), sigma, auto k'.
-
-    sigma = ||W||_2 of the float32 basis, computed in float64: the lower bound divides by it.
-    """
-    x = centres.double()
-    mean = x.mean(dim=0)
-    xc = x - mean
-    cov = xc.t() @ xc / max(x.shape[0], 1)  # (D', D')
-    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
-    eigval, basis = eigval.flip(0).clamp_min(0), eigvec.flip(1)
-    basis32 = basis.float()
-    sigma = float(torch.linalg.matrix_norm(basis32.double(), ord=2))
-    dim = x.shape[1]
-    total = float(eigval.sum())
-    if total > 0:
-        kept = torch.cumsum(eigval, 0) / total
-        dims = int((kept < variance_kept).sum()) + 1
-    else:
-        dims = 1
-    dims = min(dims, dim)
-    if dims > dim / 4:
-        dims = dim
-    return basis32, mean.float(), max(sigma, 1.0), int(math.ceil(dims))

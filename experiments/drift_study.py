@@ -1,0 +1,372 @@
+"""Per-epoch validation and development-test curves of one CFA training (issue 17 drift study).
+
+One run trains with the project's own config (lite0 real weights, ``data=shared``, 256 px,
+synthetic validation anomalies on a 10% split of train/good) for ``--epochs`` epochs and writes
+one JSON under ``experiments/results/drift/``: for every epoch, including epoch 0 (the
+un-adapted phi, right after the memory bank is built), the validation metrics the module logs
+and the test metrics of the same weights.
+
+The test curves are DEVELOPMENT DATA: they are measured on the test sets of ``../shared/data``
+only, to study over-adaptation and to choose the defaults (patience, schedule). They are never
+used by the training itself, and no epoch of a reported model is chosen from them.
+
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/drift_study.py --category cookies --seed 0
+    python experiments/drift_study.py --category metal_plate --seed 1 --variant cosine
+    python experiments/drift_study.py --category magnetic_tile --seed 0 --test-every 4 \
+        --epochs 15
+
+Variants: ``base`` (today's training: AdamW lr 1e-3, constant), ``cosine``
+(``model.lr_schedule=cosine``), ``lr1e-4`` (``model.lr=1e-4``), ``ema`` (Lightning's
+``EMAWeightAveraging`` of phi, half-life ``--ema-epochs`` epochs; validation and test see the
+average), ``refit`` (all of train/good, no validation: the test curve of the refit model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import EMAWeightAveraging
+from torch.utils.data import DataLoader, Subset
+
+from cfa_lightning.config import CONFIG_DIR, register_resolvers
+from cfa_lightning.metrics import AnomalyMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CFA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+VARIANTS = {
+    "base": [],
+    "cosine": ["model.lr_schedule=cosine"],
+    "lr1e-4": ["model.lr=1e-4"],
+    "ema": [],
+    "refit": ["data.val_fraction=0", "data.val_anomalies=none"],
+}
+KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+
+
+class PhiEMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights, for a model whose buffers (the bank) appear in on_fit_start.
+
+    The averaged copy is made in ``setup``, before CFA builds its memory bank; it is re-synced
+    with the module once the bank exists, so validation and test (which swap the averaged
+    weights in) see the real bank. Buffers are not averaged (``use_buffers=False``): the bank
+    is frozen, and the calibration is refitted at every validation.
+    """
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None and self._latest_update_step == 0:
+            self._average_model.module.load_state_dict(pl_module.state_dict())
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+
+
+PATIENCES = (1, 2, 3, 5, 8, 10, 15)
+PLOT_EPOCHS = (0, 1, 2, 3, 5, 8, 12, 17, 23, 30)
+
+
+def early_stop_epoch(values: list[float], patience: int, mode: str = "max") -> tuple[int, int]:
+    """(chosen epoch, stop epoch) of EarlyStopping(patience) + best checkpoint on a curve.
+
+    ``values[e]`` is the validation metric after e epochs (e = 0: before training). Like
+    Lightning's EarlyStopping (min_delta 0): a value counts as better only when strictly better;
+    training stops after ``patience`` validations without improvement.
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    best, wait = 0, 0
+    for epoch in range(1, len(values)):
+        if sign * values[epoch] > sign * values[best]:
+            best, wait = epoch, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return best, epoch
+    return best, len(values) - 1
+
+
+class DriftRecorder(pl.Callback):
+    """Per epoch: the logged validation metrics and phi's weights as validation saw them.
+
+    The test metrics are computed at the end of the fit, only for the epochs the study needs
+    (the epoch EarlyStopping would choose for every patience in PATIENCES, the best validated
+    and the last epoch, and PLOT_EPOCHS), from the stored weights: the trainable parameters are
+    a few tens of thousands of numbers, the bank is frozen, so an epoch's model is exact.
+    ``test_epochs`` (refit, no validation) gives them instead.
+    """
+
+    def __init__(
+        self,
+        test_loader: DataLoader,
+        refit: bool,
+        monitor: str,
+        test_epochs: list[int] | None,
+        plot_epochs: tuple[int, ...] = PLOT_EPOCHS,
+    ) -> None:
+        self.plot_epochs = tuple(plot_epochs)
+        self.test_loader = test_loader
+        self.refit = refit
+        self.monitor = monitor
+        self.test_epochs = test_epochs
+        self.rows: list[dict[str, Any]] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self._epoch_start = time.perf_counter()
+
+    @torch.no_grad()
+    def _test(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = AnomalyMetrics(pixel=True)
+        was_training = pl_module.training
+        pl_module.eval()
+        for batch in self.test_loader:
+            out = pl_module.model(batch["image"].to(pl_module.device))
+            metrics.update(out.image_scores, batch["label"], out.maps, batch["mask"][:, 0])
+        pl_module.train(was_training)
+        result = {f"test/{k}": float(v) for k, v in metrics.compute().items() if k in KEYS}
+        result["time/test_s"] = round(time.perf_counter() - start, 2)
+        return result
+
+    @staticmethod
+    def _trainable(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        wall = time.perf_counter() - self._epoch_start
+        row: dict[str, Any] = {"epoch": epoch, "time/epoch_wall_s": round(wall, 2)}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("val/", "train/", "time/")):
+                row[key] = float(value)
+        row["lr"] = (
+            float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+        )
+        # the EMA callback swaps the averaged weights in for validation and back at its end:
+        # store the weights validation saw
+        ema = next((c for c in trainer.callbacks if isinstance(c, PhiEMA)), None)
+        swapped = ema is not None and ema._average_model is not None
+        if swapped:
+            ema._swap_models(pl_module)
+        self.weights.append(self._trainable(pl_module))
+        if swapped:
+            ema._swap_models(pl_module)
+        self.rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if k in ("epoch", "time/epoch_wall_s", self.monitor)}), flush=True)  # fmt: skip
+        self._epoch_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the sanity check (all validation batches) is epoch 0: the un-adapted phi
+        epoch = 0 if trainer.sanity_checking else trainer.current_epoch + 1
+        self._record(trainer, pl_module, epoch)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.refit:  # no validation: epoch 0 is recorded here
+            self._record(trainer, pl_module, 0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.refit:
+            self._record(trainer, pl_module, trainer.current_epoch + 1)
+
+    def needed_epochs(self) -> list[int]:
+        last = len(self.rows) - 1
+        if self.refit and self.test_epochs is None:
+            return list(range(last + 1))
+        if self.test_epochs is not None:
+            return sorted({e for e in self.test_epochs if e <= last} | {0, last})
+        values = [row[self.monitor] for row in self.rows]
+        needed = {e for e in self.plot_epochs if e <= last} | {last}
+        needed |= {early_stop_epoch(values, p)[0] for p in PATIENCES}
+        return sorted(needed)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        current = self._trainable(pl_module)
+        for epoch in self.needed_epochs():
+            pl_module.load_state_dict(self.weights[epoch], strict=False)
+            self.rows[epoch].update(self._test(pl_module))
+            print(json.dumps({"epoch": epoch, **{k: round(v, 4) for k, v in self.rows[epoch].items()
+                              if k.startswith("test/")}}), flush=True)  # fmt: skip
+        pl_module.load_state_dict(current, strict=False)
+
+
+def compose_config(args: argparse.Namespace, out_dir: str) -> Any:
+    register_resolvers()
+    overrides = [
+        "+experiment=efficientnet_lite0",
+        "data=shared",
+        f"data.root={SHARED}",
+        f"data.category={args.category}",
+        "data.val_anomalies=synthetic",
+        f"data.val_fraction={0.2 if args.category == 'cookies' else 0.1}",  # cookies: 4 of 21
+        "data.num_workers=0",
+        "data.cache_images=true",
+        f"seed={args.seed}",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.default_root_dir={out_dir}",
+        *VARIANTS[args.variant],
+        *args.overrides,
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return cfg, overrides
+
+
+def load_runs(folder: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The run JSONs of a folder, grouped by (category, variant + tag), sorted by seed."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        tag = path.stem.removeprefix(f"{run['category']}_").rsplit("_seed", 1)[0]
+        groups.setdefault((run["category"], tag), []).append(run)
+    for runs in groups.values():
+        runs.sort(key=lambda r: r["seed"])
+    return groups
+
+
+def _cell(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    std = float(t.std()) if len(values) > 1 else 0.0
+    return f"{float(t.mean()):.3f} ± {std:.3f}"
+
+
+def report(folder: Path, monitor: str) -> str:
+    """Markdown tables: EarlyStopping simulated on each validation curve, against the last epoch."""
+    lines = [
+        "Test metrics are DEVELOPMENT DATA (../shared/data test sets); the epoch is chosen on "
+        f"validation ({monitor}, synthetic anomalies) only. mean ± std over seeds.",
+        "",
+    ]
+    head = "| category | variant | rule | seeds | image AUROC | pixel AUROC | AUPRO | AUPRO - last (paired) | chosen epoch | epochs trained | epoch 0 chosen |"
+    for (category, variant), runs in sorted(load_runs(folder).items()):
+        if variant.startswith("refit"):
+            continue
+        lines += [head, "|" + "---|" * 11]
+        rules: list[tuple[str, Any]] = [(f"patience {p}", p) for p in PATIENCES]
+        rules += [("best val of all", 10**6), ("last epoch", None)]
+        for name, patience in rules:
+            picked, trained = [], []
+            for run in runs:
+                values = [row[monitor] for row in run["curve"]]
+                if patience is None:
+                    chosen, stop = len(values) - 1, len(values) - 1
+                else:
+                    chosen, stop = early_stop_epoch(values, patience)
+                picked.append(run["curve"][chosen])
+                trained.append(stop)
+            cells = [_cell([row[f"test/{k}"] for row in picked]) for k in KEYS]
+            last = [run["curve"][-1]["test/pixel_AUPRO"] for run in runs]
+            cells.append(
+                _cell([row["test/pixel_AUPRO"] - b for row, b in zip(picked, last, strict=True)])
+            )
+            epochs = ", ".join(str(row["epoch"]) for row in picked)
+            zero = sum(row["epoch"] == 0 for row in picked)
+            lines.append(
+                f"| {category} | {variant} | {name} | {len(runs)} | {' | '.join(cells)} | {epochs} "
+                f"| {', '.join(map(str, trained))} | {zero}/{len(runs)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--category", choices=["cookies", "metal_plate", "magnetic_tile"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="base")
+    parser.add_argument("--ema-epochs", type=float, default=3.0, help="EMA half-life in epochs")
+    parser.add_argument("--test-every", type=int, default=1,
+                        help="per-epoch test on every k-th test image (a fixed subset; 1: all)")  # fmt: skip
+    parser.add_argument("--limit-train-batches", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--monitor", default="val/pixel_AUPRO")
+    parser.add_argument("--plot-epochs", type=int, nargs="+", default=list(PLOT_EPOCHS),
+                        help="epochs tested for the figure, besides those the patiences choose")  # fmt: skip
+    parser.add_argument("--test-epochs", type=int, nargs="+", default=None,
+                        help="refit: the epochs to test (default: every epoch)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "drift")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    parser.add_argument("--report", action="store_true", help="print the tables of --out")
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.out, args.monitor))
+        return
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="drift_") as tmp:
+        cfg, overrides = compose_config(args, tmp)
+        pl.seed_everything(cfg.seed, workers=True)  # as train.py: phi's init and the bank
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model)
+        datamodule.setup("fit")
+        test_set = datamodule.test_set
+        indices = list(range(0, len(test_set), args.test_every))
+        test_loader = DataLoader(Subset(test_set, indices), batch_size=cfg.data.eval_batch_size)
+        refit = args.variant == "refit"
+        recorder = DriftRecorder(
+            test_loader, refit, args.monitor, args.test_epochs, args.plot_epochs
+        )
+        callbacks: list[pl.Callback] = [recorder]
+        steps = math.ceil(len(datamodule.train_set) / cfg.data.batch_size)
+        if args.limit_train_batches is not None:
+            steps = max(1, math.ceil(steps * args.limit_train_batches))
+        decay = None
+        if args.variant == "ema":  # half-life of --ema-epochs epochs, in optimiser steps
+            decay = 0.5 ** (1.0 / (args.ema_epochs * steps))
+            callbacks.insert(0, PhiEMA(decay=decay, use_buffers=False))
+        trainer_kwargs = (
+            {"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}
+        )
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0 if refit else -1,  # the full validation set, before training
+            **trainer_kwargs,
+        )
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        total = time.perf_counter() - start
+    name = f"{args.category}_{args.variant}{args.tag}_seed{args.seed}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "data": "development data (../shared/data test sets): test curves are for this study only",
+        "category": args.category,
+        "seed": args.seed,
+        "variant": args.variant,
+        "epochs": args.epochs,
+        "overrides": overrides,
+        "ema_decay": decay,
+        "limit_train_batches": args.limit_train_batches,
+        "n_train": len(datamodule.train_set),
+        "n_val_items": len(datamodule.val_set) if datamodule.val_set is not None else 0,
+        "n_test": len(indices),
+        "n_test_total": len(test_set),
+        "test_every": args.test_every,
+        "tested_epochs": recorder.needed_epochs(),
+        "steps_per_epoch": steps,
+        "fit_wall_s": round(total, 1),
+        "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores (shared), "
+        f"torch {torch.__version__}, {args.threads} thread(s)",
+        "curve": recorder.rows,
+    }
+    (args.out / name).write_text(json.dumps(record, indent=1))
+    print(f"written {args.out / name} ({total:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
