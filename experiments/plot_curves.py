@@ -7,6 +7,8 @@ one line per variant (thin lines: each seed at the epochs it was tested).
 
     python experiments/plot_curves.py --runs experiments/results/drift \
         --out docs/figures/drift_curves.png
+
+Needs matplotlib: pip install -e '.[plot]'.
 """
 
 from __future__ import annotations

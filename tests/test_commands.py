@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from wandb_files import OfflineRun  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 # 12 training images, 4 of them (0.34) validate with synthetic defects: the validated default.
 SMALL = ["data.n_train=12", "data.n_test_good=4", "data.n_test_defect=4", "data.generate_size=[96,96]",
@@ -119,3 +122,7 @@ def test_wandb_logger_works_offline_without_an_account(tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "W&B wrote no run file"
+    # the per-epoch validation curves as one line plot: epochs 0 (un-adapted) and 1
+    (table,) = OfflineRun(runs[0]).media("curves*.table.json")
+    data = json.loads(table.read_text())["data"]  # rows: [epoch, line key, value]
+    assert {row[0] for row in data} == {0, 1} and {row[1] for row in data} >= {"val/pixel_AUPRO"}

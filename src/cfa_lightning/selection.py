@@ -16,6 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
 
 __all__ = [
     "MODEL_SELECTION",
@@ -116,8 +117,11 @@ class SelectionCheck(pl.Callback):
     At the start of fit: no validation images at all stops the run (``data.val_fraction``). At
     the first validation: ``monitor`` not logged stops the run, naming the option that produces
     it, before any epoch is trained for nothing. ``history`` maps each validated epoch to its
-    ``val/...`` scalars (kept in checkpoints, so a resumed fit keeps it).
+    ``val/...`` scalars (kept in checkpoints, so a resumed fit keeps it). Under ``logger=wandb``
+    the per-epoch curves end the fit as one W&B line plot, ``val/curves``.
     """
+
+    CURVES = ("val/pixel_AUPRO", "val/pixel_AUROC", "val/image_AUROC")  # the W&B line plot
 
     def __init__(self, monitor: str = "val/pixel_AUPRO") -> None:
         super().__init__()
@@ -161,6 +165,19 @@ class SelectionCheck(pl.Callback):
         self.history[trainer.current_epoch] = {
             k: float(v) for k, v in logged.items() if k.startswith("val/")
         }
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs = sorted(self.history)
+        keys = [k for k in self.CURVES if epochs and all(k in self.history[e] for e in epochs)]
+        for logger in trainer.loggers if keys and trainer.is_global_zero else []:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                ys = [[self.history[e][k] for e in epochs] for k in keys]
+                plot = wandb.plot.line_series(
+                    xs=epochs, ys=ys, keys=list(keys), title="validation per epoch", xname="epoch"
+                )
+                logger.experiment.log({"val/curves": plot})
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {int(e): dict(m) for e, m in self.history.items()}}
