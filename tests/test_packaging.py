@@ -73,7 +73,8 @@ def test_the_installed_wheel_trains_and_predicts_from_any_folder(dist, tmp_path)
     work = tmp_path / "elsewhere"  # a folder outside the checkout, with no conf/ in it
     work.mkdir()
     small = ["data.n_train=12", "data.n_test_good=4", "data.n_test_defect=4",
-             "data.generate_size=[96,96]", "data.image_size=96"]  # fmt: skip
+             "data.generate_size=[96,96]", "data.image_size=96",
+             "data.val_fraction=0.34"]  # 4 of the 12 validate: the validated default  # fmt: skip
     _run([bin_dir / "cfa-train", "+experiment=demo", "trainer.max_epochs=1", *small,
           "data.root=data", "hydra.run.dir=run"], work)  # fmt: skip
     assert (work / "run" / "metrics.json").is_file()

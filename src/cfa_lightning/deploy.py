@@ -43,7 +43,7 @@ class DeployError(ValueError):
 
 @dataclass
 class Prediction:
-    """What `inference.Predictor` returns, field for field."""
+    """What both `Inferencer` and `inference.Predictor` return."""
 
     score: float  # raw image score (max of the map)
     normalized_score: float  # in [0, 1], threshold at 0.5; nan if the model is not calibrated

@@ -9,7 +9,6 @@ raw and normalised scores, a decision, an anomaly map and a defect mask out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,52 +16,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import deploy
 from .checkpoint import load_checkpoint
-from .data.transforms import ImageMaskTransform, load_rgb, to_rgb
+from .data.transforms import ImageMaskTransform
+from .deploy import Prediction
 from .metrics import is_anomalous
 from .models.cfa import CFA
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | Path
 
 
-@dataclass
-class Prediction:
-    score: float  # raw image score (max of the map)
-    normalized_score: float  # in [0, 1], threshold at 0.5; nan if the model is not calibrated
-    is_anomalous: bool | None  # None if the model is not calibrated
-    anomaly_map: np.ndarray  # (H, W) float32 raw map at the input image's resolution
-    mask: np.ndarray | None  # (H, W) bool predicted defect pixels; None if not calibrated
-
-
 def to_pil(image: ImageLike) -> Image.Image:
-    """Any supported image -> 8-bit RGB PIL image (grayscale, RGBA, 16-bit and float handled)."""
-    if isinstance(image, str | Path):
-        return load_rgb(image)
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
+    """Any supported image -> 8-bit RGB PIL image: a (C, H, W) or (H, W, C) tensor, or what
+    `deploy.to_pil` takes (path, PIL image, numpy array; grayscale, RGBA, 16-bit, float)."""
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4):  # (C, H, W) -> (H, W, C)
             t = t.permute(1, 2, 0)
         image = t.numpy()
-    if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        if a.dtype.kind == "f":  # floats are taken as [0, 1]
-            a = (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
-        elif a.dtype == np.uint16:
-            return to_rgb(Image.fromarray(a if a.ndim == 2 else (a // 257).astype(np.uint8)))
-        elif a.dtype != np.uint8:
-            raise TypeError(
-                f"unsupported array dtype {a.dtype}; use uint8, uint16 or float in [0, 1]"
-            )
-        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}"
-            )
-        return to_rgb(Image.fromarray(np.ascontiguousarray(a)))
-    raise TypeError(f"cannot score an object of type {type(image).__name__}")
+    return deploy.to_pil(image)
 
 
 class Predictor:
