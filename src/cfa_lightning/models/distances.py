@@ -6,8 +6,11 @@
    thousands), one float32 matrix product per block; ||x||^2 is the same for every centre of a
    row, so it is left out: the ranking is ||y||^2 - 2 x.y;
 2. keep the k + MARGIN best of that ranking;
-3. recompute their distances as direct differences sum (p - c)^2, whose float32 error is
-   relative to d itself, and keep the k smallest.
+3. recompute their distances as direct differences ||p - c||^2, whose float32 error is
+   relative to d itself, and keep the k smallest. This runs on sub-blocks of DIRECT_ROWS rows,
+   one candidate column at a time, so its temporaries stay in cache, and the norm kernel reads
+   each difference once: on the 2-core CPU it took 0.085 s for 8192 wide_resnet50_2 patches and
+   7 candidates, against 0.66 s as sub / square / sum over whole blocks.
 The answer does not depend on how torch's matmul is configured (TF32, bf16 passes): reduced
 precision can only reorder near-ties inside the margin, and the returned distances never come
 from the matrix product. Training, validation, test, predict and exported graphs all run this.
@@ -28,6 +31,7 @@ from torch import Tensor
 DEFAULT_CHUNK_BYTES = 32 * 2**20  # CPU block budget (model.chunk_mb: auto)
 CUDA_FREE_SHARE = 0.5  # CUDA block budget (auto): this share of the memory torch can still use
 MARGIN = 4  # extra candidates re-ranked by direct differences (tests/test_distances.py, margin)
+DIRECT_ROWS = 256  # rows per sub-block of the direct differences (blocked searches only)
 
 
 class SearchIndex(NamedTuple):
@@ -69,8 +73,9 @@ def candidates(k: int, n_centres: int) -> int:
 
 
 def row_bytes(n_centres: int, dim: int, k: int) -> int:
-    """Memory of one patch row of a search block: its (M,) ranking, x, and one gathered
-    candidate column with its difference at a time (`direct_sq_distances`), indices and values."""
+    """Memory of one patch row of a search block: its (M,) ranking, x, the (D',) gathered
+    candidate and its difference (one column at a time, `direct_sq_distances`), indices and
+    values. An upper bound: the gathered rows are those of a DIRECT_ROWS sub-block only."""
     c = candidates(k, n_centres)
     return 4 * (n_centres + 3 * dim) + 16 * c
 
@@ -88,21 +93,33 @@ def smallest_chunk_mb(n_centres: int, dim: int, k: int) -> float:
 def direct_sq_distances(p: Tensor, centres: Tensor, idx: Tensor) -> Tensor:
     """||p_n - c_idx[n, j]||^2 as direct differences: (n, D'), (n, c) -> (n, c) float32.
 
-    One column of candidates at a time: (n, D') temporaries instead of (n, c, D').
+    One column of candidates at a time ((n, D') temporaries instead of (n, c, D')); the
+    difference is made in place in the gathered copy and reduced by one norm kernel.
     """
-    columns = [
-        (p - centres.index_select(0, idx[:, j])).square().sum(dim=1) for j in range(idx.shape[1])
-    ]
-    return torch.stack(columns, dim=1)
+    columns, idx_t = [], idx.t().contiguous()  # (c, n): each column contiguous
+    for j in range(idx_t.shape[0]):
+        diff = centres.index_select(0, idx_t[j]).sub_(p)  # (n, D') c - p
+        columns.append(torch.linalg.vector_norm(diff, dim=1))
+    return torch.stack(columns, dim=1).square()
 
 
-def _nearest_block(p: Tensor, index: SearchIndex, k: int) -> tuple[Tensor, Tensor]:
-    """Rank by the centred expanded form, re-rank the best k + MARGIN by direct differences."""
+def _nearest_block(
+    p: Tensor, index: SearchIndex, k: int, sub_rows: int | None
+) -> tuple[Tensor, Tensor]:
+    """Rank by the centred expanded form, re-rank the best k + MARGIN by direct differences
+    (in sub-blocks of sub_rows rows; None: all rows at once, for exported graphs)."""
     x = p - index.mean  # (n, D')
     ranking = torch.addmm(index.centred_sq.unsqueeze(0), x, index.centred.t(), alpha=-2.0)  # (n, M)
     c = candidates(k, ranking.shape[1])
     cand = torch.topk(ranking, c, dim=1, largest=False, sorted=False).indices  # (n, c)
-    d = direct_sq_distances(p, index.centres, cand)  # (n, c) direct differences
+    n = p.shape[0]
+    if sub_rows is None or sub_rows >= n:
+        d = direct_sq_distances(p, index.centres, cand)  # (n, c)
+    else:
+        d = torch.cat([
+            direct_sq_distances(p[s : s + sub_rows], index.centres, cand[s : s + sub_rows])
+            for s in range(0, n, sub_rows)
+        ])  # fmt: skip
     values, j = torch.topk(d, k, dim=1, largest=False, sorted=True)
     return values, cand.gather(1, j)
 
@@ -124,9 +141,10 @@ def nearest(
         p = p.float()
         n = p.shape[0]
         step = n if budget_bytes is None else block_rows(n_centres, dim, k, budget_bytes)
+        sub = None if budget_bytes is None else DIRECT_ROWS
         if step >= n:
-            return _nearest_block(p, index, k)
-        blocks = [_nearest_block(p[s : s + step], index, k) for s in range(0, n, step)]
+            return _nearest_block(p, index, k, sub)
+        blocks = [_nearest_block(p[s : s + step], index, k, sub) for s in range(0, n, step)]
         return torch.cat([v for v, _ in blocks]), torch.cat([i for _, i in blocks])
 
 
