@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runtime_benchmark import BACKBONES, build  # the same models as the speed table
 
 from cfa_lightning.deploy import default_threads, preprocess
 from cfa_lightning.export import export_model
 from cfa_lightning.images import load_rgb
 from cfa_lightning.models.distances import nearest
+from runtime_benchmark import BACKBONES, build  # the same models as the speed table
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("backbone", "descriptor", "search", "maps")
