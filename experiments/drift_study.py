@@ -41,6 +41,7 @@ from pytorch_lightning.callbacks import EMAWeightAveraging
 from torch.utils.data import DataLoader, Subset
 
 from cfa_lightning.config import CONFIG_DIR, register_resolvers
+from cfa_lightning.export import git_revision
 from cfa_lightning.metrics import AnomalyMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,9 +249,12 @@ def report(folder: Path, monitor: str) -> str:
         "",
     ]
     head = "| category | variant | rule | seeds | image AUROC | pixel AUROC | AUPRO | AUPRO - last (paired) | chosen epoch | epochs trained | epoch 0 chosen |"
-    for (category, variant), runs in sorted(load_runs(folder).items()):
+    groups = load_runs(folder)
+    for (category, variant), runs in sorted(groups.items()):
         if variant.startswith("refit"):
             continue
+        caps = sorted({run["epochs"] for run in runs})
+        lines += [f"{category}, {variant}: capped at {'/'.join(map(str, caps))} epochs", ""]
         lines += [head, "|" + "---|" * 11]
         rules: list[tuple[str, Any]] = [(f"patience {p}", p) for p in PATIENCES]
         rules += [("best val of all", 10**6), ("last epoch", None)]
@@ -276,7 +280,43 @@ def report(folder: Path, monitor: str) -> str:
                 f"| {', '.join(map(str, trained))} | {zero}/{len(runs)} |"
             )
         lines.append("")
+    lines += refit_report(groups, monitor)
     return "\n".join(lines)
+
+
+def refit_report(groups: dict, monitor: str, patience: int = 3) -> list[str]:
+    """Refit against no refit, paired by seed: the epoch EarlyStopping(patience) chooses on the
+    base run's validation curve, tested after the base run's fit (the split's bank and
+    training) and after the refit run's fit of that many epochs on all of train/good."""
+    lines = [f"Refit (patience {patience}): the chosen epoch retrained on all of train/good", "",
+             "| category | seeds | chosen epochs | no refit | refit | AUPRO refit - no refit (paired) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (category, variant), refits in sorted(groups.items()):
+        if variant != "refit":
+            continue
+        base = {run["seed"]: run for run in groups.get((category, "base"), [])}
+        pairs = []
+        for refit in refits:
+            if refit["seed"] not in base:
+                continue
+            values = [row[monitor] for row in base[refit["seed"]]["curve"]]
+            chosen = early_stop_epoch(values, patience)[0]
+            rows = {row["epoch"]: row for row in refit["curve"]}
+            if "test/pixel_AUPRO" in rows.get(chosen, {}):
+                pairs.append((chosen, base[refit["seed"]]["curve"][chosen], rows[chosen]))
+        if not pairs:
+            continue
+
+        def triple(rows: list[dict]) -> str:
+            return " / ".join(f"{float(torch.tensor([r[f'test/{k}'] for r in rows]).mean()):.3f}"
+                              for k in KEYS)  # fmt: skip
+
+        diff = _cell([r["test/pixel_AUPRO"] - b["test/pixel_AUPRO"] for _, b, r in pairs])
+        lines.append(
+            f"| {category} | {len(pairs)} | {', '.join(str(e) for e, _, _ in pairs)} "
+            f"| {triple([b for _, b, _ in pairs])} | {triple([r for _, _, r in pairs])} | {diff} |"
+        )
+    return lines + [""]
 
 
 def main() -> None:
@@ -360,6 +400,7 @@ def main() -> None:
         "tested_epochs": recorder.needed_epochs(),
         "steps_per_epoch": steps,
         "fit_wall_s": round(total, 1),
+        "revision": git_revision(),
         "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores (shared), "
         f"torch {torch.__version__}, {args.threads} thread(s)",
         "curve": recorder.rows,

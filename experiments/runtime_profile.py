@@ -1,7 +1,7 @@
 """Where the time of one inference goes, per stage, in PyTorch, onnxruntime and OpenVINO fp32.
 
     python experiments/runtime_profile.py [--backbones lite0 resnet18 wide_resnet50_2]
-        [--batch 8] [--size 256] [--repeats 5] [--threads <cores>]
+        [--batch 8] [--size 256] [--repeats 5] [--threads <cores>] [--nodes N]
 
 The companion of `runtime_benchmark.py` (same models, same batch): it says why a runtime is or
 is not faster than PyTorch. Stages: the backbone, the descriptor phi (a 1x1 convolution), the
@@ -65,6 +65,7 @@ def pytorch_stages(model, batch: torch.Tensor, repeats: int) -> dict[str, float]
             "search": median_ms(lambda: nearest(p, index, model.K, budget), repeats),
             "maps": median_ms(lambda: model._output(sq, desc.shape, batch.shape[-2:]), repeats),
             "total": median_ms(lambda: model(batch), repeats),
+            "nodes": [],
         }
 
 
@@ -114,7 +115,15 @@ def onnxruntime_stages(path: Path, batch: np.ndarray, threads: int, repeats: int
         for e in sorted(events, key=lambda e: e["ts"])
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_timed
     ]
-    return {**grouped(nodes), "total": total}
+    return {**grouped(nodes), "total": total, "nodes": slowest(nodes)}
+
+
+def slowest(nodes: list[tuple[str, str, float]], n: int = 5) -> list[tuple[str, str, float]]:
+    """The n nodes that took longest (ms summed over a call)."""
+    total: dict[tuple[str, str], float] = defaultdict(float)
+    for name, op, ms in nodes:
+        total[(name, op)] += ms
+    return [(name, op, ms) for (name, op), ms in sorted(total.items(), key=lambda t: -t[1])[:n]]
 
 
 def openvino_stages(path: Path, batch: np.ndarray, threads: int, repeats: int) -> dict:
@@ -129,6 +138,7 @@ def openvino_stages(path: Path, batch: np.ndarray, threads: int, repeats: int) -
     request = compiled.create_infer_request()
     request.infer(batch)
     per_run: dict[str, list[float]] = defaultdict(list)
+    nodes: list[tuple[str, str, float]] = []
     for _ in range(repeats):
         request.infer(batch)
         nodes = [
@@ -138,7 +148,8 @@ def openvino_stages(path: Path, batch: np.ndarray, threads: int, repeats: int) -
         ]
         for stage, ms in grouped(nodes).items():
             per_run[stage].append(ms)
-    return {**{s: statistics.median(v) for s, v in per_run.items()}, "total": total}
+    medians = {s: statistics.median(v) for s, v in per_run.items()}
+    return {**medians, "total": total, "nodes": slowest(nodes)}
 
 
 def product_share(model, size: int) -> float:
@@ -169,6 +180,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--nodes", type=int, default=0, help="also print the N slowest nodes")
     parser.add_argument("--calibration", type=Path,
                         default=ROOT.parent / "shared/data/cookies/train/good")  # fmt: skip
     args = parser.parse_args()
@@ -200,6 +212,8 @@ def main() -> None:
             cells = "".join(f"{ms.get(s, 0.0):9.0f} ({100 * ms.get(s, 0.0) / summed:3.0f}%)"
                             for s in STAGES)  # fmt: skip
             print(f"{backbone:16s}{runtime:14s}{cells}{ms['total']:10.0f}{share:19.0%}", flush=True)
+            for name, op, node_ms in ms["nodes"][: args.nodes]:
+                print(f"{'':30s}{node_ms:9.0f} ms  {op}  {name}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_commands import run  # noqa: E402
+from test_commands import SMALL, run  # noqa: E402
 
 # Every rank saves its calibrated thresholds and its count of validated images at the end.
 PROBE = """
@@ -59,3 +60,45 @@ def test_validation_with_anomalies_on_one_rank_finishes_with_equal_thresholds(
     assert ranks[0]["n"] == ranks[1]["n"] == 3  # the normal images of both ranks, no padding
     assert torch.equal(ranks[0]["image"], ranks[1]["image"])
     assert torch.equal(ranks[0]["pixel"], ranks[1]["pixel"])
+
+
+# Every rank saves the monitored value of each validation and what selection made of them.
+SELECTION_PROBE = """
+import pytorch_lightning as pl, torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+class SelectionProbe(pl.Callback):
+    def __init__(self, out, monitor):
+        self.out, self.monitor, self.values = out, monitor, []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.values.append(float(trainer.callback_metrics[self.monitor]))
+
+    def on_train_end(self, trainer, pl_module):
+        best = next(c for c in trainer.callbacks
+                    if isinstance(c, ModelCheckpoint) and c.monitor == self.monitor)
+        stop = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
+        torch.save({"values": self.values, "best_score": float(best.best_model_score),
+                    "best_path": best.best_model_path, "stopped_epoch": stop.stopped_epoch},
+                   f"{self.out}/selection_rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_the_validated_default_selects_the_same_epoch_on_every_rank(tmp_path):
+    """The default protocol under 2-process DDP: each rank validates its half of the synthetic
+    validation set; the monitored metric, the best checkpoint and the stop are the same on both."""
+    (tmp_path / "selection_probe.py").write_text(SELECTION_PROBE)
+    out = tmp_path / "run"
+    run("cfa_lightning.train", "+experiment=demo", f"data.root={tmp_path / 'data'}", *SMALL[:-1],
+        "data.num_workers=0", "trainer.max_epochs=3", "callbacks.early_stopping.patience=1",
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=none",
+        "+callbacks.probe._target_=selection_probe.SelectionProbe",
+        f"+callbacks.probe.out={tmp_path}", "+callbacks.probe.monitor=val/pixel_AUPRO",
+        f"hydra.run.dir={out}", env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
+    ranks = [torch.load(tmp_path / f"selection_rank{r}.pt") for r in (0, 1)]
+    assert len(ranks[0]["values"]) >= 2  # epoch 0 and at least one trained epoch
+    assert ranks[0] == ranks[1]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["world_size"] == 2 and result["selection"]["rule"] == "best_val"
+    assert result["selection"]["value"] == pytest.approx(ranks[0]["best_score"])

@@ -239,3 +239,29 @@ def test_a_fresh_venv_with_the_deploy_extra_scores_shared_images(shared_data, ex
             rows = list(csv.DictReader(f))
         assert len(rows) == len(list(images.glob("*"))) - 1
         assert all(r["decision"] in {"normal", "anomalous"} for r in rows)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_profile_finds_every_stage(exports, runtime, monkeypatch):
+    """experiments/runtime_profile.py gives each stage of a real exported model its node time:
+    a node named after no stage, or a search counted as maps, leaves a stage empty."""
+    if runtime == "openvino" and not _has("openvino"):
+        pytest.skip("OpenVINO is not installed")
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    profile = __import__("runtime_profile")
+    folder = exports["openvino" if runtime == "openvino" else "onnx"]
+    graph = folder / ("model.xml" if runtime == "openvino" else "model.onnx")
+    batch = np.random.default_rng(0).random((2, 3, 64, 80)).astype(np.float32)
+    stages = (profile.openvino_stages if runtime == "openvino" else profile.onnxruntime_stages)(
+        graph, batch, threads=1, repeats=2
+    )
+    assert all(stages.get(stage, 0.0) > 0.0 for stage in profile.STAGES), stages
+    # two calls in one profile, OpenVINO-style names: CFA's own nodes are the search until the
+    # first upsampling, and the next call's backbone starts a new search
+    call = [("Multiply_1", "Convolution", 1.0), ("__module.model.descriptor/x", "Interpolate", 2.0),
+            ("__module.model/aten::addmm/Add", "FullyConnected", 4.0),
+            ("__module.model/aten::upsample_bilinear2d", "Interpolate", 8.0),
+            ("__module.model.blur/aten::conv2d", "Convolution", 16.0)]  # fmt: skip
+    assert profile.grouped(call + call) == {
+        "backbone": 2.0, "descriptor": 4.0, "search": 8.0, "maps": 48.0
+    }  # fmt: skip
