@@ -51,6 +51,11 @@ def build(backbone: str, size: int, images: list[np.ndarray]) -> CFALitModule:
     return module
 
 
+def bank_images(folder: Path, size: tuple[int, int], n: int = 8) -> list[np.ndarray]:
+    """The first n images of a training folder, preprocessed as the runtimes get them."""
+    return [preprocess(load_rgb(p), size, None) for p in sorted(folder.glob("*.png"))[:n]]
+
+
 def rate(run, batch: np.ndarray, seconds: float) -> float:
     """img/s over at least `seconds` and two calls (after one warm-up call outside)."""
     calls, start = 0, time.perf_counter()
@@ -74,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = (args.size, args.size)
     paths = sorted(args.calibration.glob("*.png"))
-    images = [preprocess(load_rgb(p), size, None) for p in paths[:8]]
+    images = bank_images(args.calibration, size)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.size} px, "
           f"median of {args.rounds} alternating rounds (img/s; x = ratio to PyTorch)")  # fmt: skip
     print(f"{'backbone':16s}{'batch':>6s}{'pytorch':>10s}{'onnxruntime':>16s}"

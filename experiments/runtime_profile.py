@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfa_lightning.deploy import default_threads, preprocess
+from cfa_lightning.deploy import default_threads
 from cfa_lightning.export import export_model
-from cfa_lightning.images import load_rgb
 from cfa_lightning.models.distances import nearest
-from runtime_benchmark import BACKBONES, build  # the same models as the speed table
+from runtime_benchmark import BACKBONES, bank_images, build  # the speed table's models
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("backbone", "descriptor", "search", "maps")
@@ -186,8 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = (args.size, args.size)
-    paths = sorted(args.calibration.glob("*.png"))
-    images = [preprocess(load_rgb(p), size, None) for p in paths[:8]]
+    images = bank_images(args.calibration, size)
     batch = np.stack([images[i % len(images)] for i in range(args.batch)])
     print(f"torch {torch.__version__}, {args.threads} threads, {args.size} px, batch "
           f"{args.batch}: ms per batch by stage (share of the runtime's summed stages); "
