@@ -81,9 +81,10 @@ class CFA(nn.Module):
         )
         self.calibration = Calibration()  # thresholds + normalisation, fitted on validation
 
-    def describe(self, images: Tensor) -> Tensor:
-        """phi(Z): (B, 3, H, W) -> (B, D', h, w)."""
-        return self.descriptor(self.backbone(images))
+    def describe(self, images: Tensor, taps: list[Tensor] | None = None) -> Tensor:
+        """phi(Z): (B, 3, H, W) -> (B, D', h, w). ``taps``: the frozen backbone's output for these
+        images when the caller already has it (validation keeps it across epochs)."""
+        return self.descriptor(self.backbone(images) if taps is None else taps)
 
     @staticmethod
     def flatten_patches(desc: Tensor) -> Tensor:
@@ -99,7 +100,11 @@ class CFA(nn.Module):
             )
 
     def loss(
-        self, images: Tensor, naive: bool = False, with_output: bool = False
+        self,
+        images: Tensor,
+        naive: bool = False,
+        with_output: bool = False,
+        taps: list[Tensor] | None = None,
     ) -> tuple[Tensor, CFAOutput | None]:
         """Training loss, and optionally the scores and maps of the same pass (no work twice).
 
@@ -108,7 +113,7 @@ class CFA(nn.Module):
         product; it is the reference the fast path is tested against.
         """
         self._require_bank()
-        desc = self.describe(images)  # (B, D', h, w)
+        desc = self.describe(images, taps)  # (B, D', h, w)
         p = self.flatten_patches(desc)  # (N, D')
         centres = self.bank.centres  # (M, D')
         k = self.K + self.J
@@ -128,9 +133,9 @@ class CFA(nn.Module):
         b, _, h, w = desc_shape
         return score_maps(nearest_sq, (b, h, w), out_size, self.blur)
 
-    def forward(self, images: Tensor) -> CFAOutput:
+    def forward(self, images: Tensor, taps: list[Tensor] | None = None) -> CFAOutput:
         self._require_bank()
-        desc = self.describe(images)  # (B, D', h, w)
+        desc = self.describe(images, taps)  # (B, D', h, w)
         p = self.flatten_patches(desc)
         nearest_sq, _ = self.nearest(p, self.K)
         return self._output(nearest_sq, desc.shape, images.shape[-2:])

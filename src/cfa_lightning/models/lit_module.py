@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, load_checkpoint
@@ -31,6 +33,41 @@ from .cfa import CFA
 MIN_CALIBRATION_IMAGES = 20  # below this, a warning that the thresholds are unreliable
 # Options of the removed pruned search (and the naive-loss switch), still in older checkpoints.
 RETIRED_HPARAMS = {"search_dims", "search_groups", "prune", "naive_loss"}
+VAL_TAP_CACHE_BYTES = 2**30  # validation taps kept across the epochs of a fit (TapCache)
+
+
+class TapCache:
+    """The frozen backbone's taps of each validation batch, kept from the first validation of a
+    fit for the next ones: the held-out images and their synthetic defects are the same every
+    epoch and the backbone never trains, so later validations run only phi and the search.
+
+    Keyed by the batch's image paths; batches past ``max_bytes`` are recomputed every time.
+    """
+
+    def __init__(self, max_bytes: int = VAL_TAP_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.clear()
+
+    def clear(self) -> None:
+        self._taps: dict[tuple[str, ...], list[Tensor]] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._taps)
+
+    def taps(
+        self, backbone: nn.Module, images: Tensor, paths: Sequence[str] | None
+    ) -> list[Tensor]:
+        key = tuple(paths) if paths is not None else None
+        cached = self._taps.get(key) if key is not None else None
+        if cached is not None and cached[0].shape[0] == images.shape[0]:
+            return cached
+        taps = backbone(images)  # [(B, C_l, h_l, w_l)]
+        size = sum(t.numel() * t.element_size() for t in taps)
+        if key is not None and self.bytes + size <= self.max_bytes:
+            self._taps[key] = [t.detach() for t in taps]
+            self.bytes += size
+        return taps
 
 
 def chunk_budget_bytes(chunk_mb: float | str) -> int | str:
@@ -119,6 +156,7 @@ class CFALitModule(pl.LightningModule):
         self._val_scores: list[torch.Tensor] = []
         self._val_low = float("inf")
         self._calibrated_from = 0
+        self._val_taps = TapCache()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> CFALitModule:
@@ -163,6 +201,7 @@ class CFALitModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Runs before Lightning's sanity check. Resuming a fit (`ckpt_path=`) keeps the bank of
         # that fit, restored with it; any other fit builds the bank from the data it is given.
+        self._val_taps.clear()
         if self.trainer.ckpt_path is not None:
             rank_zero_info("resuming: memory bank restored from the checkpoint, not rebuilt")
             return
@@ -267,7 +306,16 @@ class CFALitModule(pl.LightningModule):
         )
         return loss
 
+    def on_fit_end(self) -> None:
+        self._val_taps.clear()  # a later trainer.validate() computes its own taps
+
     # ---- evaluation --------------------------------------------------------------------------
+
+    def _validation_taps(self, batch: dict[str, Any]) -> list[Tensor]:
+        """The backbone's taps of a validation batch; kept across the epochs of a fit only."""
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return self.model.backbone(batch["image"])
+        return self._val_taps.taps(self.model.backbone, batch["image"], batch.get("image_path"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         keep = self._val_filter.keep(len(batch["image"]))
@@ -275,12 +323,15 @@ class CFALitModule(pl.LightningModule):
         if n == 0:
             return
         images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
+        taps = [t[:n] for t in self._validation_taps(batch)]  # [(n, C_l, h_l, w_l)]
         synthetic = batch.get("synthetic", torch.zeros_like(labels, dtype=torch.bool))[:n]
         normal = labels == 0  # (n,)
         scores = images.new_zeros(n)  # (n,)
         maps = images.new_zeros(n, *images.shape[-2:])  # (n, H, W)
         if normal.any():  # val/loss and the calibration see the normal images only
-            loss, out = self.model.loss(images[normal], with_output=True)
+            loss, out = self.model.loss(
+                images[normal], with_output=True, taps=[t[normal] for t in taps]
+            )
             bs = int(normal.sum())
             self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
             self.log("val/score_mean", out.image_scores.mean(), batch_size=bs, sync_dist=True)
@@ -288,7 +339,7 @@ class CFALitModule(pl.LightningModule):
             self._val_scores.append(out.image_scores.detach())
             self._val_low = min(self._val_low, float(out.maps.min()))
         if not normal.all():
-            out = self.model(images[~normal])
+            out = self.model(images[~normal], taps=[t[~normal] for t in taps])
             scores[~normal], maps[~normal] = out.image_scores, out.maps
         # Validation pixel metrics on every s-th pixel per axis (s^2 fewer pixels: the exact
         # curves dominate a validation epoch otherwise); test metrics use every pixel.
