@@ -344,6 +344,7 @@ def main() -> None:
         print(report(args.out, args.monitor))
         return
 
+    revision = git_revision()  # the code this run imports, even if the checkout moves meanwhile
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="drift_") as tmp:
         cfg, overrides = compose_config(args, tmp)
@@ -400,7 +401,7 @@ def main() -> None:
         "tested_epochs": recorder.needed_epochs(),
         "steps_per_epoch": steps,
         "fit_wall_s": round(total, 1),
-        "revision": git_revision(),
+        "revision": revision,
         "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores (shared), "
         f"torch {torch.__version__}, {args.threads} thread(s)",
         "curve": recorder.rows,

@@ -257,7 +257,7 @@ def test_bf16_mixed_scores_maps_and_metrics_in_float32(tmp_path, datamodule, mon
 
 
 def _validated_fit(tmp_path, synthetic_root, cache_bytes):
-    """Three epochs with synthetic validation; the backbone's calls counted by the stage they
+    """Two epochs with synthetic validation; the backbone's calls counted by the stage they
     ran in."""
     pl.seed_everything(0)
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
@@ -268,7 +268,7 @@ def _validated_fit(tmp_path, synthetic_root, cache_bytes):
     module.model.backbone.register_forward_hook(
         lambda *_: stages.append(module.trainer.state.stage.value)
     )
-    trainer = _trainer(tmp_path, epochs=3)
+    trainer = _trainer(tmp_path, epochs=2)
     trainer.fit(module, datamodule=dm)
     curves = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     n_val_batches = len(dm.val_dataloader())
@@ -277,10 +277,10 @@ def _validated_fit(tmp_path, synthetic_root, cache_bytes):
 
 def test_validation_runs_the_backbone_once_per_batch_and_scores_the_same(tmp_path, synthetic_root):
     stages, cached, n_batches, module = _validated_fit(tmp_path / "a", synthetic_root, 2**30)
-    assert stages.count("validate") == n_batches  # the first validation only, of 3
+    assert stages.count("validate") == n_batches  # the first validation only, of 2
     assert len(module._val_taps) == 0  # freed at the end of the fit
     stages, fresh, _, _ = _validated_fit(tmp_path / "b", synthetic_root, 0)  # nothing kept
-    assert stages.count("validate") == 3 * n_batches
+    assert stages.count("validate") == 2 * n_batches
     assert set(cached) == set(fresh) and "val/pixel_AUPRO" in cached
     for name, value in fresh.items():  # the same taps, so the same validation, bit for bit
         assert cached[name] == value, name
