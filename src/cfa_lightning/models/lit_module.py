@@ -307,7 +307,7 @@ class CFALitModule(pl.LightningModule):
         return loss
 
     def on_fit_end(self) -> None:
-        self._val_taps.clear()  # a later trainer.validate() computes its own taps
+        self._val_taps.clear()  # frees the kept taps; trainer.validate() outside a fit keeps none
 
     # ---- evaluation --------------------------------------------------------------------------
 
