@@ -311,11 +311,11 @@ class CFALitModule(pl.LightningModule):
 
     # ---- evaluation --------------------------------------------------------------------------
 
-    def _validation_taps(self, batch: dict[str, Any]) -> list[Tensor]:
-        """The backbone's taps of a validation batch; kept across the epochs of a fit only."""
+    def _validation_taps(self, images: Tensor, paths: Sequence[str] | None) -> list[Tensor]:
+        """The backbone's taps of validation images; kept across the epochs of a fit only."""
         if self.trainer.state.fn != TrainerFn.FITTING:
-            return self.model.backbone(batch["image"])
-        return self._val_taps.taps(self.model.backbone, batch["image"], batch.get("image_path"))
+            return self.model.backbone(images)
+        return self._val_taps.taps(self.model.backbone, images, paths)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         keep = self._val_filter.keep(len(batch["image"]))
@@ -323,7 +323,8 @@ class CFALitModule(pl.LightningModule):
         if n == 0:
             return
         images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
-        taps = [t[:n] for t in self._validation_taps(batch)]  # [(n, C_l, h_l, w_l)]
+        paths = batch.get("image_path")
+        taps = self._validation_taps(images, paths[:n] if paths is not None else None)
         synthetic = batch.get("synthetic", torch.zeros_like(labels, dtype=torch.bool))[:n]
         normal = labels == 0  # (n,)
         scores = images.new_zeros(n)  # (n,)
