@@ -38,10 +38,15 @@ BACKBONES = ["resnet18", "tf_efficientnet_lite0", "wide_resnet50_2"]
 FULL = {"backbones": BACKBONES, "size": 256, "batch": 8, "rounds": 3,
         "precisions": ["32", "bf16-mixed"]}  # fmt: skip
 QUICK = {"backbones": BACKBONES, "size": 256, "batch": 2, "rounds": 1, "precisions": ["32"]}
-# float32 rounding of two summation orders; the naive gradient goes through the expanded form
-# ||p||^2 + ||c||^2 - 2 p.c, whose cancellation alone reached 1.1e-3 on resnet18's random features
-# (the fast path is checked against float64 brute force in tests/test_distances.py).
-TOLERANCE = {"maps_rel": 1e-4, "grad_rel": 2e-3}
+# Fast and naive differ by float32 rounding of two summation orders; the naive gradient goes
+# through the expanded form ||p||^2 + ||c||^2 - 2 p.c, whose cancellation alone reached 1.1e-3 on
+# resnet18's random features (the fast path is checked against float64 brute force in
+# tests/test_distances.py). Under mixed precision the maps stay float32, but the descriptor's
+# weight gradient is computed in the autocast dtype, where two gradients of slightly different
+# distances can round a step apart (2^-8 relative in bfloat16: 3.0e-3 and 3.4e-3 measured for
+# resnet18 and lite0; 2^-11 in float16); the gradient tolerance allows two such steps more.
+MAPS_TOLERANCE = 1e-4
+GRAD_TOLERANCE = {"32": 2e-3, "bf16-mixed": 2e-3 + 2**-7, "16-mixed": 2e-3 + 2**-10}
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -239,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                      "precision": precision, "error": f"{type(err).__name__}: {err}"[:200]}  # fmt: skip
             results.append(r)
             print(row(r), flush=True)
-    bad = [r for r in results if "check" in r and (r["check"]["maps_rel"] > TOLERANCE["maps_rel"]
-           or r["check"]["grad_rel"] > TOLERANCE["grad_rel"])]  # fmt: skip
+    bad = [r for r in results if "check" in r and (r["check"]["maps_rel"] > MAPS_TOLERANCE
+           or r["check"]["grad_rel"] > GRAD_TOLERANCE[r["precision"]])]  # fmt: skip
     slower = [r for r in results if "check" in r and min(
         r["train_fast_ips"] / r["train_naive_ips"], r["infer_fast_ips"] / r["infer_naive_ips"]) < 1]  # fmt: skip
-    print(f"\nfast vs naive: {len(bad)} cell(s) outside tolerance {TOLERANCE}; "
+    print(f"\nfast vs naive: {len(bad)} cell(s) outside tolerance (maps {MAPS_TOLERANCE:.0e}, "
+          f"gradients {', '.join(f'{p} {t:.1e}' for p, t in GRAD_TOLERANCE.items())}); "
           f"{len(slower)} cell(s) where fast is slower than naive in training or inference")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -125,6 +125,7 @@ def test_chunk_budget_too_small_for_one_row_is_refused_with_the_smallest_that_wo
     CFA(backbone, input_size=64, chunk_bytes=int(smallest * 2**20))  # accepted
 
 
+@pytest.mark.slow  # 30-55 s on 2 cores: keeps `make test` under 10 minutes
 def test_forward_and_the_loss_selection_trace_without_graph_breaks():
     """CPU proxy for 'no host sync or data-dependent branch per block': dynamo must capture the
     whole scoring pass and the loss's no-grad selection as one graph each."""

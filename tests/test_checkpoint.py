@@ -76,6 +76,7 @@ def _command(module: str, *overrides: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow  # 30-55 s on 2 cores: keeps `make test` under 10 minutes
 def test_every_command_stops_with_one_line(bad_files, tmp_path):
     """Each command with one kind of bad file (the Python API tests above cover every kind)."""
     run_dir = f"hydra.run.dir={tmp_path / 'run'}"

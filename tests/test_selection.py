@@ -238,6 +238,7 @@ def test_bad_selection_input_stops_at_the_first_validation(tmp_path):
     assert "set data.val_fraction=0.3 or more" in proc.stderr  # 12 images: 0.3 holds out 4
 
 
+@pytest.mark.slow  # 30-55 s on 2 cores: keeps `make test` under 10 minutes
 def test_resume_mid_run_keeps_the_selection(tmp_path):
     """Interrupted after epoch 1 (of 0..3), resumed from last.ckpt in a new run folder."""
     _, first = _train(tmp_path, "first", "trainer.max_epochs=1")
