@@ -256,31 +256,66 @@ def test_bf16_mixed_scores_maps_and_metrics_in_float32(tmp_path, datamodule, mon
         assert abs(metrics16[name] - metrics32[name]) <= 1e-3, (name, metrics16, metrics32)
 
 
-def _validated_fit(tmp_path, synthetic_root, cache_bytes):
+def _validated_fit(tmp_path, synthetic_root, cache_mb):
     """Two epochs with synthetic validation; the backbone's calls counted by the stage they
-    ran in."""
+    ran in (the bank build, in on_fit_start, counts as "train")."""
     pl.seed_everything(0)
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
                          eval_batch_size=5, val_fraction=0.34, val_anomalies="synthetic")  # fmt: skip
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
-    module._val_taps.max_bytes = cache_bytes
+    module = CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=cache_mb)
     stages = []
     module.model.backbone.register_forward_hook(
         lambda *_: stages.append(module.trainer.state.stage.value)
     )
+    losses = []
+    module.on_train_batch_end = lambda out, *_: losses.append(float(out["loss"]))
     trainer = _trainer(tmp_path, epochs=2)
     trainer.fit(module, datamodule=dm)
     curves = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    n_val_batches = len(dm.val_dataloader())
-    return stages, curves, n_val_batches, module
+    counts = {"train": len(dm.train_dataloader()), "validate": len(dm.val_dataloader())}
+    counts["bank"] = len(dm.bank_dataloader())
+    return stages, curves, losses, counts, module
 
 
-def test_validation_runs_the_backbone_once_per_batch_and_scores_the_same(tmp_path, synthetic_root):
-    stages, cached, n_batches, module = _validated_fit(tmp_path / "a", synthetic_root, 2**30)
-    assert stages.count("validate") == n_batches  # the first validation only, of 2
-    assert len(module._val_taps) == 0  # freed at the end of the fit
-    stages, fresh, _, _ = _validated_fit(tmp_path / "b", synthetic_root, 0)  # nothing kept
-    assert stages.count("validate") == 2 * n_batches
+def test_a_fit_runs_the_backbone_once_per_image_and_trains_the_same(tmp_path, synthetic_root):
+    stages, cached, losses, n, module = _validated_fit(tmp_path / "a", synthetic_root, 2048)
+    # the bank build keeps the training images' taps, the first validation the validation ones
+    assert stages.count("train") == n["bank"]  # no training step ran it
+    assert stages.count("validate") == n["validate"]  # the first validation only, of 2
+    assert len(module._taps) == 0  # freed at the end of the fit
+    stages, fresh, fresh_losses, _, _ = _validated_fit(tmp_path / "b", synthetic_root, 0)
+    assert stages.count("train") == n["bank"] + 2 * n["train"]
+    assert stages.count("validate") == 2 * n["validate"]
     assert set(cached) == set(fresh) and "val/pixel_AUPRO" in cached
-    for name, value in fresh.items():  # the same taps, so the same validation, bit for bit
-        assert cached[name] == value, name
+    # The kept taps come from the bank's batches of 5, the fresh ones from training batches of
+    # 4: the same images, so the same taps up to the convolutions' rounding per batch size.
+    assert losses == pytest.approx(fresh_losses, rel=1e-5)
+    for name, value in fresh.items():
+        assert cached[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_taps_kept_in_validation_never_enter_a_training_step():
+    """An image seen first by validation (inference mode) is recomputed for training, whose
+    autograd cannot take inference tensors; past the budget nothing is kept."""
+    from cfa_lightning.models.lit_module import TapCache
+
+    backbone = CFALitModule(BACKBONE, input_size=[64, 80]).model.backbone
+    images, paths = torch.rand(2, 3, 64, 80), ["a.png", "b.png"]
+    cache = TapCache(2**30)
+    with torch.inference_mode():
+        kept = cache.taps(backbone, images, paths)
+        again = cache.taps(backbone, images, paths)  # from the cache, in the same mode
+    assert all(torch.equal(k, a) for k, a in zip(kept, again, strict=True)) and len(cache) == 2
+    fresh = cache.taps(backbone, images, paths)
+    assert not any(t.is_inference() for t in fresh)
+    one_image = sum(t[:1].numel() * t.element_size() for t in fresh)
+    small = TapCache(one_image)
+    small.taps(backbone, images, paths)
+    assert len(small) == 1 and small.bytes == one_image
+    assert len(TapCache(0).taps(backbone, images, paths)) == len(fresh) and len(TapCache(0)) == 0
+
+
+@pytest.mark.parametrize("value", [-1, "lots", True])
+def test_a_bad_tap_cache_budget_is_refused_naming_the_option(value):
+    with pytest.raises(ValueError, match="model.tap_cache_mb"):
+        CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=value)

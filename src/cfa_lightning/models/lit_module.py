@@ -33,23 +33,24 @@ from .cfa import CFA
 MIN_CALIBRATION_IMAGES = 20  # below this, a warning that the thresholds are unreliable
 # Options of the removed pruned search (and the naive-loss switch), still in older checkpoints.
 RETIRED_HPARAMS = {"search_dims", "search_groups", "prune", "naive_loss"}
-VAL_TAP_CACHE_BYTES = 2**30  # validation taps kept across the epochs of a fit (TapCache)
 
 
 class TapCache:
-    """The frozen backbone's taps of each validation batch, kept from the first validation of a
-    fit for the next ones: the held-out images and their synthetic defects are the same every
-    epoch and the backbone never trains, so later validations run only phi and the search.
+    """The frozen backbone's taps of each image, kept across the epochs of a fit.
 
-    Keyed by the batch's image paths; batches past ``max_bytes`` are recomputed every time.
+    The backbone never trains and CFA draws no augmentation, so an image's taps are the same in
+    every epoch: the bank build keeps those of the training images and the first validation
+    those of the validation images and their synthetic defects. Later training steps and
+    validations run only phi and the search. Keyed by image path; images past ``max_bytes``
+    are recomputed every time, and a batch with any such image is recomputed whole.
     """
 
-    def __init__(self, max_bytes: int = VAL_TAP_CACHE_BYTES) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.clear()
 
     def clear(self) -> None:
-        self._taps: dict[tuple[str, ...], list[Tensor]] = {}
+        self._taps: dict[str, list[Tensor]] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -58,14 +59,24 @@ class TapCache:
     def taps(
         self, backbone: nn.Module, images: Tensor, paths: Sequence[str] | None
     ) -> list[Tensor]:
-        key = tuple(paths) if paths is not None else None
-        cached = self._taps.get(key) if key is not None else None
-        if cached is not None and cached[0].shape[0] == images.shape[0]:
-            return cached
+        if paths is None or self.max_bytes <= 0:
+            return backbone(images)
+        kept = [self._taps.get(path) for path in paths]
+        # Taps kept under inference mode (validation) cannot enter autograd (a training step).
+        usable = torch.is_inference_mode_enabled() or not any(
+            k is not None and k[0].is_inference() for k in kept
+        )
+        if usable and all(k is not None for k in kept):
+            return [torch.cat(level) for level in zip(*kept, strict=True)]  # [(B, C_l, h_l, w_l)]
         taps = backbone(images)  # [(B, C_l, h_l, w_l)]
-        size = sum(t.numel() * t.element_size() for t in taps)
-        if key is not None and self.bytes + size <= self.max_bytes:
-            self._taps[key] = [t.detach() for t in taps]
+        for i, path in enumerate(paths):
+            if path in self._taps:
+                continue
+            one = [t[i : i + 1].clone() for t in taps]  # (1, C_l, h_l, w_l), its own storage
+            size = sum(t.numel() * t.element_size() for t in one)
+            if self.bytes + size > self.max_bytes:
+                break
+            self._taps[path] = one
             self.bytes += size
         return taps
 
@@ -77,6 +88,14 @@ def chunk_budget_bytes(chunk_mb: float | str) -> int | str:
     if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, int | float) or chunk_mb <= 0:
         raise ValueError(f"model.chunk_mb={chunk_mb!r}; give a positive number of MB or auto")
     return int(chunk_mb * 2**20)
+
+
+def tap_cache_bytes(tap_cache_mb: float) -> int:
+    """model.tap_cache_mb -> the TapCache budget in bytes (0: keep no taps)."""
+    number = isinstance(tap_cache_mb, int | float) and not isinstance(tap_cache_mb, bool)
+    if not number or tap_cache_mb < 0:
+        raise ValueError(f"model.tap_cache_mb={tap_cache_mb!r}; give a number of MB >= 0 (0: none)")
+    return int(tap_cache_mb * 2**20)
 
 
 def build_backbone(cfg: Mapping[str, Any]) -> Backbone:
@@ -118,6 +137,7 @@ class CFALitModule(pl.LightningModule):
         val_pixel_stride: int = 2,
         compile: bool = False,
         untrained_epoch: bool = False,
+        tap_cache_mb: float = 2048,
     ) -> None:
         super().__init__()
         backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
@@ -156,7 +176,7 @@ class CFALitModule(pl.LightningModule):
         self._val_scores: list[torch.Tensor] = []
         self._val_low = float("inf")
         self._calibrated_from = 0
-        self._val_taps = TapCache()
+        self._taps = TapCache(tap_cache_bytes(tap_cache_mb))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> CFALitModule:
@@ -201,7 +221,7 @@ class CFALitModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Runs before Lightning's sanity check. Resuming a fit (`ckpt_path=`) keeps the bank of
         # that fit, restored with it; any other fit builds the bank from the data it is given.
-        self._val_taps.clear()
+        self._taps.clear()
         if self.trainer.ckpt_path is not None:
             rank_zero_info("resuming: memory bank restored from the checkpoint, not rebuilt")
             return
@@ -239,7 +259,8 @@ class CFALitModule(pl.LightningModule):
             loader = shard_loader(loader, rank, world)
         with precision:
             for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
-                bank.update(self.model.describe(batch["image"].to(self.device)))
+                images = batch["image"].to(self.device)
+                bank.update(self.model.describe(images, self._fit_taps(images, batch)))
         total_sum, total_count = bank.running_sums()  # float64 temporaries of this build
         if world > 1:
             torch.distributed.all_reduce(total_sum)
@@ -294,8 +315,9 @@ class CFALitModule(pl.LightningModule):
             # A zero loss through the trainable parameters only (no backbone pass): DDP needs a
             # backward on every rank, and returning None is refused under DDP.
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        loss, _ = self.model.loss(batch["image"])
-        bs = batch["image"].shape[0]
+        images = batch["image"]
+        loss, _ = self.model.loss(images, taps=self._fit_taps(images, batch))
+        bs = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log(
             "train/radius",
@@ -307,15 +329,16 @@ class CFALitModule(pl.LightningModule):
         return loss
 
     def on_fit_end(self) -> None:
-        self._val_taps.clear()  # frees the kept taps; trainer.validate() outside a fit keeps none
+        self._taps.clear()  # frees the kept taps; trainer.validate() outside a fit keeps none
+
+    def _fit_taps(self, images: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
+        """The backbone's taps of a batch; kept across the epochs of a fit only (TapCache)."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return self.model.backbone(images)
+        return self._taps.taps(self.model.backbone, images, batch.get("image_path"))
 
     # ---- evaluation --------------------------------------------------------------------------
-
-    def _validation_taps(self, images: Tensor, paths: Sequence[str] | None) -> list[Tensor]:
-        """The backbone's taps of validation images; kept across the epochs of a fit only."""
-        if self.trainer.state.fn != TrainerFn.FITTING:
-            return self.model.backbone(images)
-        return self._val_taps.taps(self.model.backbone, images, paths)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         keep = self._val_filter.keep(len(batch["image"]))
@@ -324,7 +347,7 @@ class CFALitModule(pl.LightningModule):
             return
         images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
         paths = batch.get("image_path")
-        taps = self._validation_taps(images, paths[:n] if paths is not None else None)
+        taps = self._fit_taps(images, {"image_path": paths[:n] if paths is not None else None})
         synthetic = batch.get("synthetic", torch.zeros_like(labels, dtype=torch.bool))[:n]
         normal = labels == 0  # (n,)
         scores = images.new_zeros(n)  # (n,)
