@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfa_lightning.deploy import default_threads
+from cfa_lightning.deploy import OPENVINO_CONFIG, default_threads
 from cfa_lightning.export import export_model
 from cfa_lightning.models.distances import nearest
 from runtime_benchmark import BACKBONES, bank_images, build  # the speed table's models
@@ -129,11 +129,10 @@ def openvino_stages(path: Path, batch: np.ndarray, threads: int, repeats: int) -
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    config = {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads}
+    compiled = core.compile_model(str(path), "CPU", config)
     total = median_ms(lambda: compiled(batch), repeats)
-    compiled = core.compile_model(
-        str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
-    )
+    compiled = core.compile_model(str(path), "CPU", {**config, "PERF_COUNT": True})
     request = compiled.create_infer_request()
     request.infer(batch)
     per_run: dict[str, list[float]] = defaultdict(list)
