@@ -333,8 +333,8 @@ class CFALitModule(pl.LightningModule):
 
     def _fit_taps(self, images: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
         """The backbone's taps of a batch; kept across the epochs of a fit only (TapCache)."""
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        state = getattr(self._trainer, "state", None)  # no trainer, or a stand-in without one
+        if state is None or state.fn != TrainerFn.FITTING:
             return self.model.backbone(images)
         return self._taps.taps(self.model.backbone, images, batch.get("image_path"))
 
