@@ -260,7 +260,8 @@ class CFALitModule(pl.LightningModule):
         with precision:
             for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
                 images = batch["image"].to(self.device)
-                bank.update(self.model.describe(images, self._fit_taps(images, batch)))
+                taps = self._fit_taps(images, batch.get("image_path"))
+                bank.update(self.model.describe(images, taps))
         total_sum, total_count = bank.running_sums()  # float64 temporaries of this build
         if world > 1:
             torch.distributed.all_reduce(total_sum)
@@ -316,7 +317,7 @@ class CFALitModule(pl.LightningModule):
             # backward on every rank, and returning None is refused under DDP.
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         images = batch["image"]
-        loss, _ = self.model.loss(images, taps=self._fit_taps(images, batch))
+        loss, _ = self.model.loss(images, taps=self._fit_taps(images, batch.get("image_path")))
         bs = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log(
@@ -331,12 +332,12 @@ class CFALitModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         self._taps.clear()  # frees the kept taps; trainer.validate() outside a fit keeps none
 
-    def _fit_taps(self, images: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
+    def _fit_taps(self, images: Tensor, paths: Sequence[str] | None) -> list[Tensor]:
         """The backbone's taps of a batch; kept across the epochs of a fit only (TapCache)."""
         state = getattr(self._trainer, "state", None)  # no trainer, or a stand-in without one
         if state is None or state.fn != TrainerFn.FITTING:
             return self.model.backbone(images)
-        return self._taps.taps(self.model.backbone, images, batch.get("image_path"))
+        return self._taps.taps(self.model.backbone, images, paths)
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -347,7 +348,7 @@ class CFALitModule(pl.LightningModule):
             return
         images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
         paths = batch.get("image_path")
-        taps = self._fit_taps(images, {"image_path": paths[:n] if paths is not None else None})
+        taps = self._fit_taps(images, paths[:n] if paths is not None else None)
         synthetic = batch.get("synthetic", torch.zeros_like(labels, dtype=torch.bool))[:n]
         normal = labels == 0  # (n,)
         scores = images.new_zeros(n)  # (n,)
