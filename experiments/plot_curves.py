@@ -34,7 +34,13 @@ PANELS = (
     ("test/image_AUROC", "test image AUROC (dev)"),
 )
 CATEGORIES = ("cookies", "metal_plate", "magnetic_tile")
-COLOURS = {"base": "black", "cosine": "tab:blue", "lr1e-4": "tab:orange", "ema": "tab:green"}
+COLOURS = {
+    "base": "black",
+    "base_30ep": "tab:red",  # magnetic_tile: one seed run to 30 epochs (--tag _30ep)
+    "cosine": "tab:blue",
+    "lr1e-4": "tab:orange",
+    "ema": "tab:green",
+}
 
 
 def curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
