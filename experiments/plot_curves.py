@@ -87,7 +87,7 @@ def main() -> None:
             ax.set_xlabel("epochs trained (0: un-adapted phi)", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
+            if j == 0:  # each row's variants: magnetic_tile has its own
                 ax.legend(fontsize=7)
     fig.suptitle("CFA, tf_efficientnet_lite0, 256 px: thick: mean over seeds at the epochs all were tested, "
                  "band: min-max; thin: each seed. "
