@@ -118,3 +118,21 @@ def test_unreachable_hub_names_both_offline_routes():
         "backbone.checkpoint_path=" in proc.stderr
         and "+experiment=efficientnet_lite0" in proc.stderr
     )
+
+
+def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub
+
+    from cfa_lightning.models.backbone import WeightsUnavailable
+
+    # nothing listens on port 9 of this machine: every request is refused, and no cache
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailable, match="unreachable.*backbone.checkpoint_path=") as info:
+        Backbone("resnet18.tv_in1k")
+    assert time.perf_counter() - start < 5  # huggingface_hub's own retries take most of a minute
+    assert "\n" not in str(info.value)

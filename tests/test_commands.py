@@ -126,3 +126,31 @@ def test_wandb_logger_works_offline_without_an_account(tmp_path):
     (table,) = OfflineRun(runs[0]).media("curves*.table.json")
     data = json.loads(table.read_text())["data"]  # rows: [epoch, line key, value]
     assert {row[0] for row in data} == {0, 1} and {row[1] for row in data} >= {"val/pixel_AUPRO"}
+
+
+def test_auto_size_is_chosen_recorded_and_reused_by_eval_and_predict(tmp_path):
+    """data.image_size=auto on 48 x 128 images: the training command logs and records the size,
+    and eval and the Python API take it from the checkpoint without being told."""
+    from PIL import Image
+
+    from cfa_lightning.inference import Predictor
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    proc = run("cfa_lightning.train", "+experiment=demo", f"data.root={data}", *SMALL[:4],
+               "data.generate_size=[48,128]", "data.image_size=auto", "data.pixels=6144",
+               "data.val_fraction=0.34", "trainer.max_epochs=1", "logger=none",
+               f"hydra.run.dir={out}")  # fmt: skip
+    assert "training images 48x128 (H x W, median of 8): model input 48x128" in proc.stdout
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["input_size"] == [48, 128] and result["image_size"] == [48, 128]
+    assert result["auto_size"]["pixels"] == 6144 and result["auto_size"]["stride"] == 16
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["datamodule_hyper_parameters"]["image_size"] == [48, 128]
+    assert ckpt["hyper_parameters"]["input_size"] == [48, 128]
+    run("cfa_lightning.eval", f"ckpt_path={ckpt_path}", "data=synthetic", f"data.root={data}",
+        "logger=none", f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["input_size"] == [48, 128] and evaluated["image_size"] == [48, 128]
+    result = Predictor.from_checkpoint(ckpt_path).predict(Image.new("RGB", (300, 90)))
+    assert result.anomaly_map.shape == (90, 300) and result.mask.shape == (90, 300)

@@ -22,7 +22,10 @@ def test_experiment_composes(hydra_ctx, experiment):
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert model["backbone"]["name"] == cfg.backbone.name
     size = cfg.data.crop_size or cfg.data.image_size
-    assert model["input_size"] == ([size, size] if isinstance(size, int) else list(size))
+    if size == "auto":  # chosen from the training images when training starts
+        assert model["input_size"] == "auto" and cfg.data.pixels > 0
+    else:
+        assert model["input_size"] == ([size, size] if isinstance(size, int) else list(size))
     for group in ("data", "model", "backbone", "trainer"):
         get_class(cfg[group]["_target_"])  # every target imports
 
@@ -32,7 +35,8 @@ def test_paper_defaults(hydra_ctx):
     paper = {"K": 3, "J": 3, "alpha": 0.1, "nu": 1e-3, "radius": 1e-5, "gamma_c": 1, "gamma_d": 1,
              "learn_radius": True, "lr": 1e-3, "weight_decay": 5e-4, "amsgrad": True}  # fmt: skip
     assert {k: cfg.model[k] for k in paper} == paper
-    assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4 and cfg.data.image_size == 256
+    assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4
+    assert cfg.data.image_size == "auto" and cfg.data.pixels == 256 * 256  # MVTec AD: 256 x 256
     assert cfg.backbone.name.startswith("wide_resnet50_2")
 
 
@@ -44,3 +48,16 @@ def test_crop_sets_the_model_input_size(hydra_ctx):
 def test_eval_config_composes(hydra_ctx):
     cfg = compose("eval", overrides=["ckpt_path=x.ckpt", "data=synthetic"])
     assert cfg.ckpt_path == "x.ckpt" and cfg.data.category == "synthetic"
+
+
+def test_auto_size_with_a_crop_is_the_crop(hydra_ctx):
+    cfg = compose("train", overrides=["data.crop_size=224"])
+    assert cfg.data.image_size == "auto"
+    assert OmegaConf.to_container(cfg.model, resolve=True)["input_size"] == [224, 224]
+
+
+def test_eval_reads_the_sizes_from_the_checkpoint(hydra_ctx, trained_checkpoint):
+    cfg = compose("eval", overrides=[f"ckpt_path={trained_checkpoint}"])
+    assert list(cfg.data.image_size) == [64, 80] and cfg.data.crop_size is None
+    given = compose("eval", overrides=[f"ckpt_path={trained_checkpoint}", "data.image_size=96"])
+    assert given.data.image_size == 96  # a size on the command line still wins

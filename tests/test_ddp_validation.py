@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -102,3 +103,91 @@ def test_the_validated_default_selects_the_same_epoch_on_every_rank(tmp_path):
     result = json.loads((out / "metrics.json").read_text())
     assert result["world_size"] == 2 and result["selection"]["rule"] == "best_val"
     assert result["selection"]["value"] == pytest.approx(ranks[0]["best_score"])
+
+
+# Validation on 3 gloo processes where one rank's share holds no normal image: 2 normal images
+# first, then 5 with a defect. The distributed sampler deals 0, 3, 6 to rank 0; 1, 4 and a padded
+# copy of 0 to rank 1; 2, 5 and a padded copy of 1 to rank 2, which so scores defects only.
+N_NORMAL, N_DEFECT, WORLD = 2, 5, 3
+BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
+
+
+class DefectImages(torch.utils.data.Dataset):
+    """Random images; the defective ones carry a bright square, their mask marks it."""
+
+    def __init__(self, n_normal: int, n_defect: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n_normal + n_defect, 3, 64, 80, generator=generator) * 0.5
+        self.masks = torch.zeros(n_normal + n_defect, 1, 64, 80)
+        for i in range(n_normal, n_normal + n_defect):
+            y, x = 8 + 4 * (i % 5), 10 + 6 * (i % 7)
+            self.images[i, :, y : y + 12, x : x + 12] = 1.0
+            self.masks[i, :, y : y + 12, x : x + 12] = 1.0
+        self.labels = (self.masks.flatten(1).amax(dim=1) > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "mask": self.masks[i], "label": self.labels[i],
+                "synthetic": torch.tensor(True)}  # fmt: skip
+
+
+def _fitted_module(state: dict | None = None):
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    pl.seed_everything(0)
+    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    if state is None:
+        train = DefectImages(4, 0, seed=1)  # normal images only
+        module.build_bank(torch.utils.data.DataLoader(train, batch_size=2))
+    else:
+        module.load_state_dict(state)
+    return module
+
+
+def _validate(module, **trainer_options) -> dict[str, float]:
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, **trainer_options)  # fmt: skip
+    loader = torch.utils.data.DataLoader(DefectImages(N_NORMAL, N_DEFECT), batch_size=2)
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _validate_on_rank(rank: int, port: int, out: str) -> None:
+    import datetime
+    import os
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
+                      NODE_RANK="0", LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    module = _fitted_module(torch.load(f"{out}/state.pt"))
+    # a collective that waits for a rank that never comes fails after 60 s instead of hanging
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    metrics = _validate(module, devices=WORLD, strategy=strategy)
+    torch.save({"metrics": metrics, "normal": module._val_normal}, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_rank_without_normal_images_validates_like_one_process(tmp_path):
+    import socket
+
+    module = _fitted_module()
+    torch.save(module.state_dict(), tmp_path / "state.pt")
+    single = _validate(_fitted_module(module.state_dict()), devices=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_validate_on_rank, args=(port, str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [r["normal"] for r in ranks] == [1, 1, 0]  # rank 2 saw no normal image
+    expected = {"val/loss", "val/score_mean", "val/image_AUROC", "val/pixel_AUPRO",
+                "val/image_threshold", "val/pixel_threshold"}  # fmt: skip
+    assert expected <= single.keys()
+    for r in ranks:
+        assert r["metrics"].keys() == single.keys()
+        for key, value in single.items():
+            if key.startswith("val/"):
+                assert r["metrics"][key] == pytest.approx(value, rel=1e-5), key

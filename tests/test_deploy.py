@@ -265,3 +265,88 @@ def test_runtime_profile_finds_every_stage(exports, runtime, monkeypatch):
     assert profile.grouped(call + call) == {
         "backbone": 2.0, "descriptor": 4.0, "search": 8.0, "maps": 48.0
     }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def odd_crop(synthetic_root, tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model trained with resize 96 x 112 and centre crop 65 x 81: both differences are
+    odd (31), so a crop offset rounded down (15) and one rounded as torchvision (16) differ."""
+    import pytorch_lightning as pl
+
+    from cfa_lightning.data import MVTecDataModule
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    pl.seed_everything(0)
+    out = tmp_path_factory.mktemp("odd_crop")
+    dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=[96, 112], crop_size=[65, 81],
+                         batch_size=4, eval_batch_size=4, val_fraction=0.25)  # fmt: skip
+    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
+                          input_size=[65, 81])  # fmt: skip
+    trainer = pl.Trainer(default_root_dir=out, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(out / "model.ckpt")
+    export(out / "model.ckpt", "onnx", out / "onnx")
+    return out / "model.ckpt", out / "onnx"
+
+
+def test_an_odd_crop_gives_the_same_maps_masks_and_decisions_in_both_paths(odd_crop):
+    from cfa_lightning.inference import Predictor
+
+    ckpt, folder = odd_crop
+    predictor, inferencer = Predictor.from_checkpoint(ckpt), Inferencer(folder)
+    assert inferencer.resize == (96, 112) and inferencer.crop == (65, 81)
+    assert (predictor.resize, predictor.crop) == (inferencer.resize, inferencer.crop)
+    images = _images() + [np.random.default_rng(3).integers(0, 255, (193, 225, 3), np.uint8)]
+    ref, got = predictor.predict_batch(images), inferencer.predict_batch(images)
+    assert any(r.mask.any() for r in ref)  # the masks compared are not all empty
+    for r, g in zip(ref, got, strict=True):
+        rel = np.abs(g.anomaly_map - r.anomaly_map).max() / np.abs(r.anomaly_map).max()
+        assert rel < 1e-4, rel
+        assert g.score == pytest.approx(r.score, rel=1e-4)
+        assert g.is_anomalous == r.is_anomalous
+        assert np.array_equal(g.mask, r.mask)
+
+
+def _flagged_exactly_when_masked(results) -> None:
+    for r in results:
+        assert r.anomaly_map.shape == r.mask.shape
+        assert r.is_anomalous == bool(r.mask.any()), (r.score, r.anomaly_map.max())
+
+
+def _threshold_pairs(results) -> list[tuple[float, float]]:
+    """(image, pixel) thresholds at one image's own peak, and F1-like pairs that differ."""
+    scores = sorted(r.score for r in results)
+    middle = scores[len(scores) // 2]
+    return [(middle, middle), (scores[0], scores[-1] * 2), (scores[-1] * 2, scores[0] / 2),
+            (middle, scores[0] / 2)]  # fmt: skip
+
+
+def test_a_flagged_image_has_a_mask_at_its_own_size_and_only_then(trained_checkpoint, exports,
+                                                                  tmp_path):  # fmt: skip
+    """Images smaller and larger than the model's 64 x 80 (a smaller image's resized map peaks
+    under the image score), thresholds at one image's peak, and pixel thresholds above and below
+    the image threshold; in PyTorch and in onnxruntime, each at its own scores."""
+    from cfa_lightning.inference import Predictor
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in
+              ((20, 25, 3), (31, 47, 3), (33, 33, 3), (150, 61, 3), (64, 80, 3))]  # fmt: skip
+    predictor = Predictor.from_checkpoint(trained_checkpoint)
+    cal = predictor.model.calibration
+    for image_thr, pixel_thr in _threshold_pairs(predictor.predict_batch(images)):
+        cal.image_threshold.fill_(image_thr)
+        cal.pixel_threshold.fill_(pixel_thr)
+        results = predictor.predict_batch(images)
+        _flagged_exactly_when_masked(results)
+    folder = tmp_path / "thresholds"
+    shutil.copytree(exports["onnx"], folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    for image_thr, pixel_thr in _threshold_pairs(Inferencer(folder).predict_batch(images)):
+        (folder / "metadata.json").write_text(
+            json.dumps({**meta, "image_threshold": image_thr, "pixel_threshold": pixel_thr})
+        )
+        exported = Inferencer(folder).predict_batch(images)
+        _flagged_exactly_when_masked(exported)
+    flagged = [r.is_anomalous for r in results + exported]
+    assert any(flagged) and not all(flagged)

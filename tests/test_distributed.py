@@ -96,7 +96,7 @@ def record_collectives(monkeypatch) -> dict:
     return seen
 
 
-def _build_bank_on_rank(rank: int, world: int, port: int, out: str) -> None:
+def _build_bank_on_rank(rank: int, world: int, port: int, out: str, bank=None) -> None:
     from pytorch_lightning.plugins.precision import Precision
 
     from cfa_lightning.models.lit_module import CFALitModule
@@ -107,7 +107,8 @@ def _build_bank_on_rank(rank: int, world: int, port: int, out: str) -> None:
         with pytest.MonkeyPatch.context() as monkeypatch:
             seen = record_collectives(monkeypatch)
             pl.seed_everything(0)
-            module = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)  # k-means on every rank
+            options = {"gamma_c": 2} if bank is None else {"bank": bank}  # k-means on every rank
+            module = CFALitModule(BACKBONE, input_size=[64, 80], **options)
             module._trainer = SimpleNamespace(  # the parts of a DDP Trainer that build_bank may use
                 world_size=world, global_rank=rank, is_global_zero=rank == 0,
                 strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,
@@ -142,6 +143,34 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
     single = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)
     single.build_bank(DataLoader(CountingImages(N_IMAGES), batch_size=2))
     assert torch.allclose(ranks[0]["centres"], single.model.bank.centres, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bank",
+    [
+        {"construction": "kmeans", "size": 40},
+        {"construction": "coreset", "size": 40},
+        {"construction": "coreset", "size": 1.0},
+    ],
+)
+def test_pooled_banks_are_identical_on_every_rank_and_built_from_all_images(tmp_path, bank):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_build_bank_on_rank, args=(2, port, str(tmp_path), bank), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert sorted(ranks[0]["read"] + ranks[1]["read"]) == list(range(N_IMAGES))
+    assert torch.equal(ranks[0]["centres"], ranks[1]["centres"])
+    for r in ranks:  # the pools travel as tensors; nothing of the build is pickled
+        assert r["pickled"] == [], r["pickled"]
+    pl.seed_everything(0)
+    single = CFALitModule(BACKBONE, input_size=[64, 80], bank=bank)
+    single.build_bank(DataLoader(CountingImages(N_IMAGES), batch_size=2))
+    expected = single.model.bank.centres
+    assert ranks[0]["centres"].shape == expected.shape
+    if bank["size"] == 1.0:  # every patch of every image, whichever rank read it
+        key = lambda c: sorted(map(tuple, c.tolist()))  # noqa: E731
+        assert key(ranks[0]["centres"]) == key(expected)
 
 
 def test_fewer_training_images_than_ranks_is_refused_in_one_line():

@@ -68,7 +68,7 @@ def test_int8_quantises_the_backbone_on_training_images(
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert meta["precision"] == "int8" and meta["quantize_scope"] == "backbone"
     train = synthetic_root / "synthetic" / "train" / "good"
-    assert meta["calibration"] == {"folder": str(train), "images": 12, "used": 4}
+    assert meta["calibration"] == {"folder": str(train), "images": 9, "used": 4}  # 12 less 3 val
     import re
 
     quantised = re.findall(r'name="([^"]*)" type="FakeQuantize"', path.read_text())
@@ -92,3 +92,31 @@ def test_bad_options_are_clear_errors(trained_checkpoint, tmp_path):
         export(trained_checkpoint, "onnx", tmp_path, quantize="int8")
     with pytest.raises(ValueError, match="calibration_dir=.* holds no image"):
         training_images({}, tmp_path)
+
+
+def _calibration_and_split(datamodule):
+    datamodule.setup("fit")
+    images = training_images(dict(datamodule.hparams), None)  # as a checkpoint records them
+    held_out = [*datamodule.test_set.samples, *datamodule.val_set.samples]
+    return images, [s.path for s in datamodule.train_set.samples], {s.path for s in held_out}
+
+
+def test_int8_calibrates_on_the_training_split_of_mvtec_data(synthetic_root):
+    from cfa_lightning.data import MVTecDataModule
+
+    dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), val_fraction=0.25)
+    images, train, held_out = _calibration_and_split(dm)
+    assert images == train and len(images) == 9  # the bank's images: 12 less 3 validation
+    assert not set(images) & held_out
+
+
+def test_int8_calibrates_on_the_training_split_of_a_folder(synthetic_root):
+    from cfa_lightning.data import FolderDataModule
+
+    # normal test images held out of the same folder that training reads (test_fraction)
+    dm = FolderDataModule(str(synthetic_root / "synthetic"), normal_dir="train/good",
+                          abnormal_dirs=["test/spot"], test_fraction=0.25, val_fraction=0.25,
+                          image_size=(64, 80))  # fmt: skip
+    images, train, held_out = _calibration_and_split(dm)
+    assert images == train and len(images) == 7  # 12 less 3 test and 2 validation images
+    assert not set(images) & held_out

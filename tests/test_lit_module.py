@@ -78,7 +78,28 @@ def test_bank_mean_independent_of_batch_size(synthetic_root):
     assert torch.allclose(banks[0], banks[1], atol=1e-5)
 
 
-def test_test_metrics_are_computed(tmp_path, datamodule):
+def _rank_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mann-Whitney AUROC: the chance that an anomalous sample outscores a normal one, ties
+    counting half (average ranks)."""
+    values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    ranks = (counts.cumsum(0) - (counts - 1) / 2).double()[inverse]  # 1-based, ties averaged
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    return float((ranks[labels.bool()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _best_f1(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Best F1 over every threshold (flagged: score >= threshold), with its lowest threshold."""
+    best = (-1.0, 0.0)
+    for t in torch.unique(scores).tolist():
+        flagged = scores >= t
+        tp = int((flagged & labels.bool()).sum())
+        f1 = 2 * tp / (int(flagged.sum()) + int(labels.sum()))
+        best = max(best, (f1, -t))
+    return best[0], -best[1]
+
+
+def test_test_metrics_equal_an_independent_computation(tmp_path, datamodule):
     pl.seed_everything(0)
     module = CFALitModule(BACKBONE, input_size=[64, 80])
     trainer = _trainer(tmp_path)
@@ -92,7 +113,26 @@ def test_test_metrics_are_computed(tmp_path, datamodule):
         "test/pixel_F1",
     }
     assert keys <= set(module.test_results)
-    assert all(0.0 <= module.test_results[k] <= 1.0 for k in keys)
+    # The answer computed here without Lightning or torchmetrics, from the model's own outputs
+    # on every test image (12: 4 normal, 8 defective; batches of 5, the last one partial).
+    module.eval()
+    scores, labels, maps, masks = [], [], [], []
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            out = module.model(batch["image"])
+            scores.append(out.image_scores)
+            maps.append(out.maps)
+            labels.append(batch["label"])
+            masks.append(batch["mask"][:, 0])
+    scores, labels = torch.cat(scores), torch.cat(labels)
+    maps, masks = torch.cat(maps).flatten(), torch.cat(masks).flatten()
+    assert labels.tolist() == [0] * 4 + [1] * 8
+    f1, threshold = _best_f1(scores, labels)
+    got = module.test_results
+    assert got["test/image_AUROC"] == pytest.approx(_rank_auroc(scores, labels), abs=1e-6)
+    assert got["test/image_F1"] == pytest.approx(f1, abs=1e-6)
+    assert got["test/image_F1max_threshold"] == pytest.approx(threshold, rel=1e-6)
+    assert got["test/pixel_AUROC"] == pytest.approx(_rank_auroc(maps, masks), abs=1e-5)
 
 
 def test_radius_is_trained_and_can_be_frozen(tmp_path, datamodule):
@@ -238,7 +278,8 @@ def test_bf16_mixed_scores_maps_and_metrics_in_float32(tmp_path, datamodule, mon
         val_maps = []
         update = module.val_metrics.update
         monkeypatch.setattr(module.val_metrics, "update",
-                            lambda s, y, m, t, seen=val_maps, f=update: (seen.append(m), f(s, y, m, t)))  # fmt: skip
+                            lambda s, y, m, t, seen=val_maps, f=update, **kw:
+                            (seen.append(m), f(s, y, m, t, **kw)))  # fmt: skip
         trainer = _trainer(tmp_path, precision=precision, callbacks=[(test := _Outputs())])
         trainer.validate(module, datamodule=datamodule, verbose=False)
         monkeypatch.undo()

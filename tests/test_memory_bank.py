@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cfa_lightning.models.memory_bank import MemoryBank, kmeans
+from cfa_lightning.models.memory_bank import MemoryBank, greedy_coreset, kmeans
 
 
 def test_mean_is_exact_for_uneven_batches():
@@ -76,3 +76,78 @@ def test_checkpoint_with_the_pruned_search_buffers_loads():
     restored = MemoryBank(dim=4, height=2, width=3)
     restored.load_state_dict(old)  # strict=True
     assert torch.equal(restored.centres, bank.centres) and bool(restored.fitted)
+
+
+def _pooled(construction, size, n_images=6, max_patches=2**17, seed=0):
+    torch.manual_seed(seed)
+    feats = torch.randn(n_images, 3, 4, 5)  # (B, D', h, w)
+    bank = MemoryBank(3, 4, 5, construction=construction, size=size, seed=seed,
+                      max_patches=max_patches)  # fmt: skip
+    bank.reset(n_images)
+    bank.update(feats[:4])
+    bank.update(feats[4:])
+    bank.finalize()
+    return bank, feats.permute(0, 2, 3, 1).reshape(-1, 3)  # all patches (N, D')
+
+
+def test_coreset_centres_are_real_patches_and_cover_them():
+    bank, patches = _pooled("coreset", 40)
+    assert bank.n_centres == 40 and bool(bank.fitted)
+    assert (bank.centres[:, None] == patches[None]).all(dim=2).any(dim=1).all()  # real patches
+    assert len({tuple(c.tolist()) for c in bank.centres}) == 40  # no patch twice
+    # greedy k-center covers the patches better than the same number drawn at random
+    radius = torch.cdist(patches, bank.centres).min(dim=1).values.max()
+    drawn = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:40]]
+    assert radius < torch.cdist(patches, drawn).min(dim=1).values.max()
+
+
+def test_greedy_coreset_takes_the_farthest_point_each_step():
+    x = torch.tensor([[0.0], [1.0], [10.0], [4.0], [6.0]])
+    chosen = greedy_coreset(x, 3, seed=0, projection_dim=None).tolist()
+    first = chosen[0]
+    far = {0: 2, 1: 2, 2: 0, 3: 2, 4: 0}[first]  # the point farthest from the first
+    assert chosen[1] == far
+    assert len(set(chosen)) == 3
+
+
+def test_kmeans_bank_is_seeded_and_sized_by_a_fraction():
+    bank, patches = _pooled("kmeans", 0.25)
+    assert bank.n_centres == round(0.25 * len(patches))  # 30 of 120 patches
+    again, _ = _pooled("kmeans", 0.25)
+    assert torch.equal(bank.centres, again.centres)
+    # every centre lies inside the cloud of patches it was fitted to
+    assert torch.cdist(bank.centres, patches).min(dim=1).values.max() < 3.0
+
+
+def test_default_size_is_h_times_w_and_the_pool_keeps_a_share_of_each_image():
+    bank, _ = _pooled("coreset", None)
+    assert bank.n_centres == 4 * 5
+    small = MemoryBank(3, 4, 5, construction="coreset", max_patches=30)
+    assert small.patches_per_image(6) == 5 and small.pool_size(6) == 30
+    small.reset(6)
+    small.update(torch.randn(6, 3, 4, 5))
+    pool, count = small.statistics()
+    assert pool.shape == (30, 3) and int(count) == 6
+
+
+def test_a_fraction_bank_restores_its_own_row_count():
+    bank, _ = _pooled("coreset", 0.5)
+    fresh = MemoryBank(3, 4, 5, construction="coreset", size=0.5)
+    assert fresh.n_centres == 20  # a placeholder until the data is seen
+    fresh.load_state_dict(bank.state_dict())
+    assert fresh.n_centres == 60 and torch.equal(fresh.centres, bank.centres)
+
+
+def test_bad_bank_options_name_the_option_and_the_largest_valid_value():
+    with pytest.raises(ValueError, match=r"model/bank='nearest'.*positional, kmeans, coreset"):
+        MemoryBank(3, 4, 5, construction="nearest")
+    for bad in (0.0, 1.5, -2):
+        with pytest.raises(ValueError, match="model.bank.size"):
+            MemoryBank(3, 4, 5, construction="coreset", size=bad)
+    with pytest.raises(ValueError, match="model.bank.size.*positional"):
+        MemoryBank(3, 4, 5, construction="positional", size=100)
+    with pytest.raises(ValueError, match="gamma_c.*model.bank.size"):
+        MemoryBank(3, 4, 5, construction="kmeans", gamma_c=2)
+    bank = MemoryBank(3, 4, 5, construction="coreset", size=500, max_patches=100)
+    with pytest.raises(ValueError, match=r"model.bank.size=500.*largest valid size is 96"):
+        bank.centres_for(6)  # 6 images x 20 patches = 120; the pool keeps 100 // 6 = 16 of each

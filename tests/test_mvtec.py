@@ -444,3 +444,66 @@ def test_cached_dataset_decodes_each_image_once(tmp_path):
     assert torch.equal(cached[0]["image"], first)
     with pytest.raises(FileNotFoundError):
         MVTecDataset(samples, ImageMaskTransform(32))[0]
+
+
+def _mixed_shapes(root: Path, shapes: list[tuple[int, int]]) -> Path:
+    """An MVTec-layout category whose training images have the given (H, W) shapes."""
+    generate_synthetic_dataset(root, "mixed", n_train=len(shapes), n_test_good=2, n_test_defect=1,
+                               image_size=(48, 64), seed=0)  # fmt: skip
+    good = sorted((root / "mixed" / "train" / "good").glob("*.png"))
+    for path, (h, w) in zip(good, shapes, strict=True):
+        Image.open(path).convert("RGB").resize((w, h)).save(path)
+    return root
+
+
+def test_auto_size_follows_the_median_training_image(tmp_path, caplog):
+    shapes = [(100, 250)] * 4 + [(120, 300)] * 3 + [(400, 400)] * 2  # median 120 x 300
+    root = _mixed_shapes(tmp_path, shapes)
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=4096, val_fraction=0.0,
+                         download={"enabled": False})  # fmt: skip
+    with caplog.at_level("INFO", logger="cfa_lightning.data"):
+        size = dm.choose_image_size(16, "resnet18")
+    assert size == (48, 96)  # ideal 40.5 x 101.2 at 4096 px, sides rounded to 16
+    assert "training images 120x300 (H x W, median of 9): model input 48x96" in caplog.text
+    assert dm.auto_size == {"pixels": 4096, "median_image": [120, 300], "stride": 16,
+                            "image_size": [48, 96], "images": 9}  # fmt: skip
+    assert dm.hparams["image_size"] == [48, 96]  # what the checkpoint stores
+    dm.setup("fit")
+    assert dm.train_set[0]["image"].shape == (3, 48, 96)
+    assert dm.test_set[0]["mask"].shape == (1, 48, 96)
+
+
+def test_auto_size_measures_only_the_readable_images(tmp_path):
+    root = _mixed_shapes(tmp_path, [(64, 128)] * 5)
+    (root / "mixed" / "train" / "good" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=8192, val_fraction=0.0,
+                         skip_bad_images=True, download={"enabled": False})  # fmt: skip
+    assert dm.choose_image_size(16) == (64, 128)
+    assert dm.auto_size["images"] == 5
+
+
+def test_extreme_aspect_warns_with_the_ratio_and_the_ways_out(tmp_path, caplog):
+    root = _mixed_shapes(tmp_path, [(40, 360)] * 4)  # 9:1
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=65536, val_fraction=0.0,
+                         download={"enabled": False})  # fmt: skip
+    with caplog.at_level("WARNING", logger="cfa_lightning.data"):
+        dm.choose_image_size(16)
+    assert "aspect ratio of 9.0:1" in caplog.text
+    assert "data.image_size=[H, W]" in caplog.text and "tiles" in caplog.text
+
+
+def test_auto_size_stops_on_a_budget_too_small_before_any_training(tmp_path):
+    root = _mixed_shapes(tmp_path, [(64, 128)] * 4)
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=100, val_fraction=0.0,
+                         download={"enabled": False})  # fmt: skip
+    with pytest.raises(ValueError, match=r"data\.pixels=100 is too small.*data\.pixels=2048"):
+        dm.choose_image_size(32)
+
+
+def test_auto_with_a_crop_resizes_to_the_square_of_the_budget(tmp_path):
+    root = _mixed_shapes(tmp_path, [(64, 128)] * 4)
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", crop_size=56, pixels=4096,
+                         val_fraction=0.0, download={"enabled": False})  # fmt: skip
+    assert dm.choose_image_size(16) == (64, 64) and dm.hparams["image_size"] == [64, 64]
+    dm.setup("fit")
+    assert dm.train_set[0]["image"].shape == (3, 56, 56)

@@ -79,7 +79,6 @@ def _fit(values, callbacks, val=True, name="val/pixel_AUPRO"):
     [
         ([0.50, 0.72, 0.60, 0.72, 0.65, 0.70, 0.71, 0.69], "max", 1, 4),  # a tie keeps epoch 1
         ([0.50, 0.40, 0.45, 0.30, 0.35, 0.36, 0.29, 0.38], "min", 6, 7),  # the cap ends it
-        ([0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "max", 0, 3),  # epoch 0 can win
     ],
 )
 def test_the_best_epoch_is_kept_and_early_stopping_ends_the_fit(
@@ -94,6 +93,46 @@ def test_the_best_epoch_is_kept_and_early_stopping_ends_the_fit(
     assert float(ckpt.best_model_score) == pytest.approx(values[best])
     assert check.curve() == [[e, pytest.approx(v)] for e, v in enumerate(values[: stop + 1])]
     assert check.metrics_at(best)["val/pixel_AUPRO"] == pytest.approx(values[best])
+
+
+class ScriptedMetric(pl.Callback):
+    """Logs a scripted val/scripted at each validation of a real fit."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            pl_module.log("val/scripted", self.values[trainer.current_epoch])
+
+
+def test_epoch_0_can_win_and_its_checkpoint_is_the_untrained_model(
+    hydra_ctx, tmp_path, synthetic_root
+):
+    """The real untrained epoch of CFALitModule (its step, its optimiser hook), selected."""
+    from cfa_lightning.data import MVTecDataModule
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    check, ckpt, stopper = _selection_callbacks(
+        tmp_path, "selection_metric=val/scripted", "callbacks.early_stopping.patience=1"
+    )
+    pl.seed_everything(0)
+    dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
+                         val_fraction=0.34, val_anomalies="none")  # fmt: skip
+    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
+                          input_size=[64, 80], untrained_epoch=True)  # fmt: skip
+    start = {k: v.clone() for k, v in module.state_dict().items() if "descriptor" in k}
+    start["model.loss_fn.radius"] = module.model.loss_fn.radius.detach().clone()
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[ScriptedMetric([0.9, 0.1, 0.2, 0.3]), check, ckpt, stopper])  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert trainer.current_epoch - 1 == 1  # epoch 1 is worse; patience 1 stops there
+    saved = torch.load(ckpt.best_model_path, weights_only=True)
+    assert saved["epoch"] == 0 and float(ckpt.best_model_score) == pytest.approx(0.9)
+    # the selected checkpoint holds phi and r exactly as initialised: epoch 0 trained nothing
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in start.items())
+    assert not all(torch.equal(module.state_dict()[k], v) for k, v in start.items())  # epoch 1
 
 
 def test_a_metric_validation_never_logs_stops_at_the_first_validation(hydra_ctx, tmp_path):

@@ -1,9 +1,18 @@
-"""Sizes are parsed in one place, for the data transforms, the model, the configs and export."""
+"""Sizes are parsed in one place, for the data transforms, the model, the configs and export; auto
+chooses (H, W) from the training images' shape at a pixel budget."""
 
 import pytest
 from omegaconf import OmegaConf
 
-from cfa_lightning.sizes import as_size, model_input_size
+from cfa_lightning.sizes import (
+    as_size,
+    auto_input_size,
+    config_input_size,
+    largest_tap_stride,
+    model_input_size,
+    smallest_budget,
+    trained_sizes,
+)
 
 
 def test_ints_pairs_and_list_configs():
@@ -19,3 +28,56 @@ def test_ints_pairs_and_list_configs():
 def test_bad_sizes_name_the_option(size, error):
     with pytest.raises(error, match="data.crop_size"):
         as_size(size, "data.crop_size")
+
+
+def test_auto_keeps_the_images_shape_at_the_pixel_budget():
+    assert auto_input_size((700, 700), 65536, 16) == (256, 256)  # square: exactly 256 x 256
+    assert auto_input_size((900, 900), 65536, 32) == (256, 256)
+    assert auto_input_size((1260, 500), 65536, 32) == (416, 160)  # long product, H x W
+    h, w = auto_input_size((576, 768), 65536, 16)  # cookies-like 4:3, wide
+    assert (h, w) == (224, 288) and h % 16 == 0 and w % 16 == 0
+    assert abs(h * w - 65536) / 65536 < 0.05
+
+
+@pytest.mark.parametrize("median", [(500, 1260), (1260, 500), (300, 300), (64, 400)])
+@pytest.mark.parametrize("stride", [8, 16, 32])
+def test_auto_sides_are_multiples_of_the_stride_near_the_budget(median, stride):
+    h, w = auto_input_size(median, 65536, stride)
+    assert h % stride == 0 and w % stride == 0
+    assert (h > w) == (median[0] > median[1]) or median[0] == median[1]
+    # rounding each side to the stride moves the area by at most half a stride per side
+    aspect = median[1] / median[0]  # W / H
+    ideal_h, ideal_w = (65536 / aspect) ** 0.5, (65536 * aspect) ** 0.5
+    assert abs(h - ideal_h) <= stride / 2 and abs(w - ideal_w) <= stride / 2
+
+
+@pytest.mark.parametrize("pixels", [0, -5, 1.5, True])
+def test_a_non_positive_budget_names_data_pixels_and_what_works(pixels):
+    with pytest.raises(ValueError, match=r"data\.pixels=.*smallest value that works .*=512"):
+        auto_input_size((100, 200), pixels, 16)
+
+
+def test_a_budget_too_small_for_the_backbone_names_the_smallest_that_works():
+    smallest = smallest_budget((500, 1260), 32)
+    assert smallest == 2581  # 32 * 32 * 1260 / 500, rounded up
+    with pytest.raises(ValueError, match=f"data.pixels={smallest - 1} is too small.*under 32 px.*"
+                                         f"data.pixels={smallest}"):  # fmt: skip
+        auto_input_size((500, 1260), smallest - 1, 32)
+    assert min(auto_input_size((500, 1260), smallest, 32)) == 32  # one tap cell across
+
+
+def test_the_stride_comes_from_timm_feature_info():
+    assert largest_tap_stride("resnet18", [1, 2, 3]) == 16
+    assert largest_tap_stride("resnet18", [1, 2, 3, 4]) == 32
+    assert largest_tap_stride("tf_efficientnet_lite0", [1, 2, 3]) == 16
+
+
+def test_auto_has_no_size_until_training_chooses_it():
+    assert config_input_size("auto") == "auto"
+    assert config_input_size("auto", 224) == [224, 224]  # a crop fixes the model's input
+    with pytest.raises(TypeError, match="data.image_size=auto has no size yet"):
+        model_input_size("auto")
+    data = {"image_size": [48, 128], "crop_size": None}
+    assert trained_sizes(data, (48, 128)) == ((48, 128), None)
+    assert trained_sizes({"image_size": "auto"}, [48, 128]) == ((48, 128), None)
+    assert trained_sizes({}, 64) == ((64, 64), None)

@@ -45,10 +45,15 @@ def test_every_ablation_job_composes(hydra_ctx):
         assert model["backbone"]["name"] == job.backbone.name and model["gamma_c"] == 16
 
 
-def test_resolution_sweep_covers_both_paper_settings(hydra_ctx):
+def test_resolution_sweep_sweeps_the_pixel_budget(hydra_ctx):
     cfg = compose("train", overrides=["+sweep=resolutions"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params["data.crop_size"] == "null,224"
-    assert str(cfg.hydra.sweeper.params["data.image_size"]) == "256"
+    params = cfg.hydra.sweeper.params
+    assert params["data.image_size"] == "auto" and "data.crop_size" not in params
+    budgets = [int(p) for p in params["data.pixels"].split(",")]
+    assert 256 * 256 in budgets and len(budgets) > 1
+    for pixels in budgets:  # every job composes with its budget
+        job = compose("train", overrides=["data.image_size=auto", f"data.pixels={pixels}"])
+        assert job.data.pixels == pixels
 
 
 def test_ddp_trainer_config(hydra_ctx):

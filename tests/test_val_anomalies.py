@@ -102,3 +102,89 @@ def test_folder_val_dir_gets_synthetic_defects(synthetic_root):
                           synthetic_anomalies={"per_image": 1})  # fmt: skip
     dm.setup("fit")
     assert dm.val_set.n_normal == 12 and len(dm.val_set) == 24
+
+
+def _val_dir_product(synthetic_root: Path, tmp_path: Path, n_good: int) -> Path:
+    """A copy of the synthetic category with a data.val_dir of ``n_good`` normal images (moved
+    out of training) and real defects in crack/ (a defect type the test set does not use)."""
+    import shutil
+
+    category = tmp_path / "synthetic"
+    shutil.copytree(synthetic_root / "synthetic", category)
+    (category / "val" / "crack").mkdir(parents=True)
+    (category / "val" / "good").mkdir()
+    for i in range(3):
+        shutil.copy(category / "test" / "scratch" / f"{i:03d}.png", category / "val" / "crack")
+    for i in range(n_good):
+        shutil.move(category / "train" / "good" / f"{i:03d}.png", category / "val" / "good")
+    return category
+
+
+def _folder_dm(category: Path, **kwargs) -> FolderDataModule:
+    options = dict(normal_dir="train/good", abnormal_dirs=["test/spot"],
+                   mask_dir="ground_truth/spot", normal_test_dir="test/good", val_dir="val",
+                   image_size=SIZE, eval_batch_size=4, val_anomalies="synthetic",
+                   synthetic_anomalies={"per_image": 1})  # fmt: skip
+    dm = FolderDataModule(str(category), **{**options, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+def test_real_val_dir_defects_reach_the_validation_metrics_and_the_thresholds(
+    synthetic_root, tmp_path, caplog
+):
+    import pytorch_lightning as pl
+
+    from cfa_lightning.metrics import AnomalyMetrics
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    with caplog.at_level("INFO"):
+        dm = _folder_dm(_val_dir_product(synthetic_root, tmp_path, n_good=4))
+    val = dm.val_set
+    assert (val.n_normal, val.n_synthetic, val.n_real) == (4, 4, 3)
+    real = [val[i] for i in range(len(val)) if int(val[i]["label"]) and not val[i]["synthetic"]]
+    assert len(real) == 3 and all("crack" in str(it["image_path"]) for it in real)
+    assert "validation: 4 normal images, 4 with synthetic defects, 3 real anomalies" in caplog.text
+
+    seen = {"anomalous": 0, "pixel_rows": 0}
+    update = AnomalyMetrics.update
+
+    def counting(self, scores, labels, maps=None, masks=None, pixel_rows=None):
+        seen["anomalous"] += int(labels.sum())
+        seen["pixel_rows"] += int(pixel_rows.sum()) if pixel_rows is not None else len(labels)
+        return update(self, scores, labels, maps, masks, pixel_rows=pixel_rows)
+
+    pl.seed_everything(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AnomalyMetrics, "update", counting)  # torchmetrics wraps it at __init__
+        module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
+                              input_size=list(SIZE), threshold_rule="auto")  # fmt: skip
+    module.build_bank(dm.bank_dataloader())
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert seen["anomalous"] == 4 + 3  # synthetic and real defects
+    assert seen["pixel_rows"] == 4 + 4  # a real defect has no mask: image metrics only
+    # real anomalies present: auto takes the best-F1 thresholds, not the normal quantile
+    logged = trainer.callback_metrics
+    cal = module.model.calibration
+    assert float(cal.image_threshold) == pytest.approx(float(logged["val/image_F1_threshold"]))
+    assert float(cal.pixel_threshold) == pytest.approx(float(logged["val/pixel_F1_threshold"]))
+
+
+def test_a_val_dir_without_normal_images_says_how_many_it_needs(synthetic_root, tmp_path):
+    import shutil
+
+    category = _val_dir_product(synthetic_root, tmp_path, n_good=0)
+    shutil.rmtree(category / "val" / "good")
+    with pytest.raises(ValueError, match=r"data.val_dir=val holds 3 defective image\(s\) and no "
+                                         r"normal one.*at least 4 normal image"):  # fmt: skip
+        _folder_dm(category)
+    with pytest.raises(ValueError, match=r"data.val_dir=val .*at least 1 normal image"):
+        _folder_dm(category, val_anomalies="none")
+
+
+def test_a_val_dir_with_too_few_normal_images_names_it(synthetic_root, tmp_path):
+    category = _val_dir_product(synthetic_root, tmp_path, n_good=2)
+    with pytest.raises(ValueError, match=r"data.val_dir=val holds 2: put at least 4 normal"):
+        _folder_dm(category)

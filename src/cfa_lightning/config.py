@@ -7,12 +7,13 @@ Add a folder of your own with Hydra's ``--config-dir``; ``CFA_CONFIG_DIR`` repla
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .sizes import model_input_size
+from .sizes import config_input_size, model_input_size, trained_sizes
 
 CONFIG_DIR = os.environ.get("CFA_CONFIG_DIR", str(Path(__file__).resolve().parent / "conf"))
 
@@ -20,6 +21,23 @@ CONFIG_DIR = os.environ.get("CFA_CONFIG_DIR", str(Path(__file__).resolve().paren
 def input_size(image_size, crop_size=None) -> list[int]:
     """The (H, W) the model sees, as a list for the configs (see sizes.model_input_size)."""
     return list(model_input_size(image_size, crop_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_sizes(ckpt_path: str, stamp: int | None) -> tuple[list[int], list[int] | None]:
+    from .checkpoint import load_checkpoint  # torch: only when a config asks
+
+    ckpt = load_checkpoint(ckpt_path)
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    resize, crop = trained_sizes(data, (ckpt.get("hyper_parameters") or {}).get("input_size"))
+    return list(resize), list(crop) if crop else None
+
+
+def trained_size(ckpt_path: str, key: str) -> list[int] | None:
+    """``image_size`` or ``crop_size`` of the data a checkpoint was trained on (for eval)."""
+    stamp = os.stat(ckpt_path).st_mtime_ns if os.path.isfile(ckpt_path) else None
+    resize, crop = _checkpoint_sizes(str(ckpt_path), stamp)
+    return resize if key == "image_size" else crop
 
 
 def _hydra_job():
@@ -78,12 +96,13 @@ def ray_gpus_per_job(address: str | None) -> int:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cfa_input_size"):
-        OmegaConf.register_new_resolver("cfa_input_size", input_size)
+        OmegaConf.register_new_resolver("cfa_input_size", config_input_size)
     if not OmegaConf.has_resolver("cfa_sweep_group"):
         OmegaConf.register_new_resolver("cfa_sweep_group", sweep_group)
     if not OmegaConf.has_resolver("cfa_job_name"):
         OmegaConf.register_new_resolver("cfa_job_name", job_name)
-    for name, resolver in (("cfa_tasks_per_node", tasks_per_node),
+    for name, resolver in (("cfa_trained_size", trained_size),
+                           ("cfa_tasks_per_node", tasks_per_node),
                            ("cfa_gpus_per_node", gpus_per_node),
                            ("cfa_ray_gpus_per_job", ray_gpus_per_job)):  # fmt: skip
         if not OmegaConf.has_resolver(name):

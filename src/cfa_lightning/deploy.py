@@ -8,10 +8,11 @@
 An export folder (written by `cfa-export`) holds the graph (model.onnx, or OpenVINO's model.xml
 and model.bin) and metadata.json. The graph takes (B, 3, h, w) float32 images in [0, 1] at the
 model's input size and returns raw scores, normalised scores and maps (B, h, w). The resize to
-that size runs here, on the host, as `Predictor` does it: antialiased bilinear (PIL's filter, the
-one torchvision's `antialias=True` reproduces), clamped to [0, 1], then the centre crop. ONNX's
-antialiased Resize differs from it (0.07 on [0, 1] pixels at 200 -> 64 px), so it stays out of
-the graph. This module imports no torch; tests/test_deploy.py checks it in a venv without it.
+that size, the crop and the way back run here, on the host, by geometry.py, which `Predictor`
+uses too: antialiased bilinear (PIL's filter, the one torchvision's `antialias=True` reproduces),
+clamped to [0, 1], then the centre crop. ONNX's antialiased Resize differs from it (0.07 on
+[0, 1] pixels at 200 -> 64 px), so it stays out of the graph. This module imports no torch;
+tests/test_deploy.py checks it in a venv without it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .geometry import map_to_image, mask_to_image, preprocess
 from .images import array_to_pil, load_rgb, to_rgb
 from .visualize import HeatScale
 
@@ -108,60 +110,36 @@ def model_file(model_dir: str | Path, meta: dict[str, Any], runtime: str) -> Pat
     return named
 
 
-def centre_crop_box(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
-    """(top, left) of a centre crop, torchvision's rounding."""
-    return int(round((size[0] - crop[0]) / 2.0)), int(round((size[1] - crop[1]) / 2.0))
+def to_prediction(
+    score: float,
+    normalized: float,
+    fmap: np.ndarray,
+    size: tuple[int, int],
+    resize: tuple[int, int],
+    crop: tuple[int, int] | None,
+    thresholds: tuple[float, float] | None,
+) -> Prediction:
+    """A model's output for one image -> what the user gets, at the image's (H0, W0) ``size``.
 
-
-def preprocess(image: Image.Image, resize: tuple[int, int], crop: tuple[int, int] | None):
-    """RGB image -> (3, h, w) float32 in [0, 1]: as data/transforms.ImageMaskTransform does it.
-
-    Scaling to [0, 1] first, then an antialiased bilinear resize per channel on float32
-    ("F" mode): PIL's filter, which torchvision's antialias=True reproduces (5e-6 apart).
+    fmap: (h, w) map at model resolution; thresholds: (image, pixel), None if uncalibrated.
+    Decided at model resolution, then mapped back: flagged when score >= image threshold (the
+    rule of metrics.is_anomalous); the mask holds the pixels >= the pixel threshold of a flagged
+    image, and at least its peak (the F1 pixel threshold may lie above the image score); an
+    unflagged image has none. So an image is flagged exactly when its mask is not empty, at
+    the model's resolution and, through geometry.mask_to_image, at the image's.
     """
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H0, W0, 3)
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c]), "F").resize(
-            (resize[1], resize[0]), Image.Resampling.BILINEAR))
-        for c in range(3)
-    ]  # fmt: skip
-    x = np.clip(np.stack(channels), 0.0, 1.0)  # (3, H, W)
-    if crop is not None:
-        top, left = centre_crop_box(resize, crop)
-        x = x[:, top : top + crop[0], left : left + crop[1]]
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _linear_weights(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) bilinear interpolation matrix, half-pixel centres, edges clamped: torch's
-    F.interpolate(mode="bilinear", align_corners=False) without antialiasing, also when it
-    shrinks (PIL would antialias there)."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    weights = np.zeros((n_out, n_in))
-    np.add.at(weights, (np.arange(n_out), i0), 1.0 - frac)
-    np.add.at(weights, (np.arange(n_out), i1), frac)
-    return weights
-
-
-def map_to_image(fmap: np.ndarray, size: tuple[int, int], resize, crop) -> np.ndarray:
-    """(h, w) map at model resolution -> (H0, W0) float32; outside a centre crop: the lowest value."""
-    h0, w0 = size
-    if crop is None:
-        y0, x0, y1, x1 = 0, 0, h0, w0
+    fmap = np.asarray(fmap, dtype=np.float32)
+    raw = map_to_image(fmap, size, resize, crop)  # (H0, W0)
+    if thresholds is None:
+        return Prediction(float(score), float("nan"), None, raw, None)
+    image_thr, pixel_thr = thresholds
+    flagged = bool(score >= image_thr)
+    if flagged:
+        mask = fmap >= min(pixel_thr, float(fmap.max()))  # (h, w), never empty
     else:
-        top, left = centre_crop_box(resize, crop)
-        y0, x0 = round(top * h0 / resize[0]), round(left * w0 / resize[1])
-        y1 = round((top + crop[0]) * h0 / resize[0])
-        x1 = round((left + crop[1]) * w0 / resize[1])
-    inner = (
-        _linear_weights(y1 - y0, fmap.shape[0]) @ fmap @ _linear_weights(x1 - x0, fmap.shape[1]).T
-    )
-    full = np.full((h0, w0), fmap.min(), dtype=np.float32)
-    full[y0:y1, x0:x1] = inner
-    return full
+        mask = np.zeros(fmap.shape, dtype=bool)
+    return Prediction(float(score), float(normalized), flagged, raw,
+                      mask_to_image(mask, size, resize, crop))  # fmt: skip
 
 
 class _OnnxRuntime:
@@ -230,12 +208,9 @@ class Inferencer:
         image_thr, pixel_thr = self.metadata["image_threshold"], self.metadata["pixel_threshold"]
         results = []
         for pil, score, norm, fmap in zip(pils, scores, normalized, maps, strict=True):
-            raw = map_to_image(fmap, pil.size[::-1], self.resize, self.crop)  # (H0, W0)
-            if self.calibrated:
-                decision, mask = bool(score >= image_thr), raw >= pixel_thr
-            else:
-                norm, decision, mask = float("nan"), None, None
-            results.append(Prediction(float(score), float(norm), decision, raw, mask))
+            thresholds = (image_thr, pixel_thr) if self.calibrated else None
+            results.append(to_prediction(score, norm, fmap, pil.size[::-1], self.resize,
+                                         self.crop, thresholds))  # fmt: skip
         return results
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -99,3 +100,20 @@ def gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def all_gather_rows(rows: Tensor) -> Tensor:
+    """Every rank's (n_rank, D) rows concatenated in rank order, with tensor collectives only
+    (the counts may differ between ranks: rows are padded to the largest, then trimmed)."""
+    world, _ = world_and_rank()
+    if world == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    longest = int(max(int(c) for c in counts))
+    padded = rows.new_zeros(longest, *rows.shape[1:])
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)])

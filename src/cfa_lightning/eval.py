@@ -37,19 +37,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer = instantiate(cfg.trainer, logger=loggers or False)
         trainer.test(model, datamodule=datamodule)
         metrics = dict(model.test_results)
-        path = write_metrics(
-            output_dir() / "metrics.json",
-            metrics,
-            seed=cfg.seed,
-            ckpt_path=str(cfg.ckpt_path),
-            backbone=model.hparams.backbone["name"],
-            category=cfg.data.category,
-            image_size=plain(cfg.data.image_size),
-            crop_size=plain(cfg.data.crop_size),
-            input_size=trained,
-        )
-        print(format_table(metrics, f"CFA test metrics ({cfg.data.category}, {cfg.ckpt_path})"))
-        log.info("metrics written to %s", path)
+        if trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes
+            path = write_metrics(
+                output_dir() / "metrics.json",
+                metrics,
+                seed=cfg.seed,
+                ckpt_path=str(cfg.ckpt_path),
+                backbone=model.hparams.backbone["name"],
+                category=cfg.data.category,
+                image_size=plain(cfg.data.image_size),
+                crop_size=plain(cfg.data.crop_size),
+                input_size=trained,
+            )
+            title = f"CFA test metrics ({cfg.data.category}, {cfg.ckpt_path})"
+            print(format_table(metrics, title))
+            log.info("metrics written to %s", path)
     return metrics
 
 

@@ -4,7 +4,7 @@
         [quantize=int8 calibration_dir=<training images>] [output_dir=...]
 
 The graph takes (B, 3, h, w) float images in [0, 1] at the model's input size (dynamic batch),
-already resized (and centre-cropped) like training: deploy.preprocess does that on the host.
+already resized (and centre-cropped) like training: geometry.preprocess does that on the host.
 It normalises with the backbone's mean/std, scores, and returns
     scores (B,)  raw image scores        normalized_scores (B,)  threshold at 0.5
     maps (B, h, w)  raw anomaly maps at the model resolution (upsampled + blurred)
@@ -35,7 +35,7 @@ from .config import CONFIG_DIR
 from .deploy import FORMAT_VERSION, preprocess
 from .images import IMAGE_EXTENSIONS, load_rgb
 from .models.cfa import CFA
-from .sizes import as_size
+from .sizes import trained_sizes
 from .visualize import HeatScale
 
 log = logging.getLogger("cfa_lightning.export")
@@ -77,8 +77,7 @@ def _finite(value: Tensor) -> float | None:
 
 def metadata(model: CFA, hparams: dict, data: dict, fmt: str) -> dict:
     cal = model.calibration
-    resize = as_size(data.get("image_size") or list(model.input_size), "data.image_size")
-    crop = as_size(data["crop_size"], "data.crop_size") if data.get("crop_size") else None
+    resize, crop = trained_sizes(data, model.input_size)
     scale = HeatScale.from_calibration(cal)
     h, w = model.input_size
     return {
@@ -112,13 +111,11 @@ def metadata(model: CFA, hparams: dict, data: dict, fmt: str) -> dict:
 
 
 def training_images(data: dict, calibration_dir: str | Path | None) -> list[Path]:
-    """Images to calibrate INT8 on: `calibration_dir`, else the checkpoint's training folder."""
+    """Images to calibrate INT8 on: `calibration_dir`, else the training split of the data the
+    checkpoint was trained on (the images its bank was built from: no validation or test image)."""
     if calibration_dir is None:
-        root = Path(data.get("root", "."))
-        normal = data.get("normal_dir")
-        folder = root / normal if normal else root / data.get("category", "") / "train" / "good"
-    else:
-        folder = Path(calibration_dir)
+        return training_split(data)
+    folder = Path(calibration_dir)
     images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(
@@ -126,6 +123,39 @@ def training_images(data: dict, calibration_dir: str | Path | None) -> list[Path
             "(never the test set) for quantize=int8"
         )
     return images
+
+
+def training_split(data: dict) -> list[Path]:
+    """The training images of the datamodule described by a checkpoint's data hyper-parameters:
+    the same scan and seeded split, so the held-out validation and test images stay out."""
+    from .data import FolderDataModule, MVTecDataModule
+    from .data.verify import verify_samples
+
+    if not data.get("root"):
+        raise ValueError(
+            "the checkpoint records no training data (no data.root in its datamodule "
+            "hyper-parameters); give calibration_dir=<a folder of training images> for "
+            "quantize=int8"
+        )
+    skip_bad = bool(data.get("skip_bad_images"))
+    split = {k: data[k] for k in ("val_fraction", "split_seed") if data.get(k) is not None}
+    if data.get("normal_dir"):  # data=folder
+        folders = ("normal_dir", "abnormal_dirs", "mask_dir", "normal_test_dir", "val_dir",
+                   "test_fraction")  # fmt: skip
+        split.update({k: data[k] for k in folders if data.get(k) is not None})
+        datamodule = FolderDataModule(root=data["root"], **split)
+    else:  # data=mvtec and the MVTec-layout synthetic set
+        datamodule = MVTecDataModule(root=data["root"], category=data.get("category", ""), **split)
+    try:
+        train, _, _ = datamodule.scan()
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"{err} (looking for the training images to calibrate INT8 on; or give "
+            "calibration_dir=<a folder of training images>)"
+        ) from None
+    if skip_bad:  # the run left unreadable files out of training
+        train = verify_samples(train, skip_bad=True)
+    return [Path(s.path) for s in train]
 
 
 def _onnx(wrapper: ExportableCFA, example: Tensor, path: Path) -> None:

@@ -11,8 +11,8 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "MIN_IMAGE_SIDE", "array_to_pil", "load_mask", "load_rgb",
-           "to_mask_l", "to_rgb"]  # fmt: skip
+__all__ = ["IMAGE_EXTENSIONS", "MIN_IMAGE_SIDE", "array_to_pil", "image_hw", "load_mask",
+           "load_rgb", "to_mask_l", "to_rgb"]  # fmt: skip
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Smallest image side (pixels) accepted: below it an image carries too little detail to be
@@ -151,3 +151,15 @@ def array_to_pil(a: np.ndarray) -> Image.Image:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
         raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
     return to_rgb(Image.fromarray(np.ascontiguousarray(a)))
+
+
+def image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file, read from its header without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"cannot read image file {path}: {err}. The file is corrupt, truncated or not an "
+            "image; re-extract or re-download it, or remove it from the dataset folder."
+        ) from err

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from . import deploy
 from .checkpoint import load_checkpoint
-from .data.transforms import ImageMaskTransform
-from .deploy import Prediction
-from .metrics import is_anomalous
+from .deploy import Prediction, to_prediction
+from .geometry import preprocess
 from .models.cfa import CFA
+from .sizes import trained_sizes
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | Path
 
@@ -38,7 +37,8 @@ def to_pil(image: ImageLike) -> Image.Image:
 
 
 class Predictor:
-    """Resize (and crop) like training, score in batches, map back to each image's own size."""
+    """Resize (and crop) like training, score in batches, map back to each image's own size: the
+    geometry and decisions of the exported model's `deploy.Inferencer`, with PyTorch's model."""
 
     def __init__(
         self,
@@ -49,10 +49,12 @@ class Predictor:
     ) -> None:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
-        self.transform = ImageMaskTransform(image_size or list(model.input_size), crop_size)
-        if tuple(self.transform.output_size) != tuple(model.input_size):
+        self.resize, self.crop = trained_sizes(
+            {"image_size": image_size, "crop_size": crop_size}, model.input_size
+        )
+        if tuple(self.crop or self.resize) != tuple(model.input_size):
             raise ValueError(
-                f"image_size/crop_size give {self.transform.output_size} but the model was "
+                f"image_size/crop_size give {self.crop or self.resize} but the model was "
                 f"trained at {model.input_size}"
             )
 
@@ -63,8 +65,10 @@ class Predictor:
 
         ckpt = load_checkpoint(path)
         module = CFALitModule.from_checkpoint_dict(ckpt, path)
-        data = ckpt.get("datamodule_hyper_parameters", {})
-        return cls(module.model, data.get("image_size"), data.get("crop_size"), device)
+        resize, crop = trained_sizes(
+            ckpt.get("datamodule_hyper_parameters") or {}, module.model.input_size
+        )
+        return cls(module.model, list(resize), list(crop) if crop else None, device)
 
     @property
     def calibrated(self) -> bool:
@@ -76,38 +80,17 @@ class Predictor:
     @torch.inference_mode()
     def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
         pils = [to_pil(im) for im in images]
-        batch = torch.stack([self.transform(im, None)[0] for im in pils]).to(self.device)
-        out = self.model(batch)
+        batch = np.stack([preprocess(im, self.resize, self.crop) for im in pils])  # (B, 3, h, w)
+        out = self.model(torch.from_numpy(batch).to(self.device))
         cal = self.model.calibration
-        results = []
-        for pil, score, fmap in zip(pils, out.image_scores, out.maps, strict=True):
-            raw = self._to_original(fmap, pil.size[::-1])  # (H0, W0)
-            if self.calibrated:
-                norm = float(cal.normalize(score, cal.image_threshold))
-                decision = bool(is_anomalous(score, cal.image_threshold))
-                mask = is_anomalous(raw, float(cal.pixel_threshold)).numpy()
-            else:
-                norm, decision, mask = float("nan"), None, None
-            results.append(
-                Prediction(float(score), norm, decision, raw.numpy().astype(np.float32), mask)
-            )
-        return results
-
-    def _to_original(self, fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Map (h, w) at model resolution -> (H0, W0); outside a centre crop: the lowest value."""
-        h0, w0 = size
-        fmap = fmap.float().cpu()
-        crop = self.transform.crop_size
-        if crop is None:
-            return F.interpolate(
-                fmap[None, None], size=(h0, w0), mode="bilinear", align_corners=False
-            )[0, 0]
-        rh, rw = self.transform.image_size
-        top, left = (rh - crop[0]) // 2, (rw - crop[1]) // 2  # torchvision's centre-crop offsets
-        y0, x0 = round(top * h0 / rh), round(left * w0 / rw)
-        y1, x1 = round((top + crop[0]) * h0 / rh), round((left + crop[1]) * w0 / rw)
-        full = torch.full((h0, w0), float(fmap.min()))
-        full[y0:y1, x0:x1] = F.interpolate(
-            fmap[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False
-        )[0, 0]
-        return full
+        thresholds = None
+        normalized = torch.full_like(out.image_scores, float("nan"))
+        if self.calibrated:
+            thresholds = (float(cal.image_threshold), float(cal.pixel_threshold))
+            normalized = cal.normalize(out.image_scores, cal.image_threshold)
+        rows = zip(pils, out.image_scores, normalized, out.maps, strict=True)
+        return [
+            to_prediction(float(score), float(norm), fmap.float().cpu().numpy(), pil.size[::-1],
+                          self.resize, self.crop, thresholds)
+            for pil, score, norm, fmap in rows
+        ]  # fmt: skip

@@ -156,11 +156,12 @@ class SelectionCheck(pl.Callback):
             available = sorted(k for k in logged if k.startswith("val/")) or ["(none)"]
             raise ValueError(
                 f"selection_metric={self.monitor} was not logged by validation (logged: "
-                f"{', '.join(available)}). Anomaly metrics (val/image_AUROC, val/pixel_AUROC, "
-                "val/pixel_AUPRO) need anomalies in the validation split: "
-                "data.val_anomalies=synthetic (the default) or a data.val_dir with defect "
-                "subfolders; or set selection_metric to a logged metric (selection_mode=min "
-                "for val/loss)."
+                f"{', '.join(available)}). Anomaly metrics need anomalies in the validation "
+                "split: val/pixel_AUROC and val/pixel_AUPRO need masks, which the synthetic "
+                "anomalies of data.val_anomalies=synthetic (the default) have; val/image_AUROC "
+                "also comes from real defects in a data.val_dir with defect subfolders (they "
+                "have no masks). Or set selection_metric to a logged metric "
+                "(selection_mode=min for val/loss)."
             )
         self.history[trainer.current_epoch] = {
             k: float(v) for k, v in logged.items() if k.startswith("val/")

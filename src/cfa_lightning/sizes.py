@@ -1,14 +1,22 @@
-"""Image sizes as configs give them, parsed in one place: an int for a square, or an (H, W) pair."""
+"""Image sizes as configs give them, parsed in one place: an int for a square, an (H, W) pair, or
+``auto`` (the training images' shape at a pixel budget, chosen when training starts)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 
 def as_size(size: int | Sequence[int], option: str = "size") -> tuple[int, int]:
     """``int`` -> square (s, s); a pair -> (H, W). ``option`` names the setting in errors."""
     if isinstance(size, bool):
         raise TypeError(f"{option} must be an int or an (H, W) pair, got {size!r}")
+    if is_auto(size):
+        raise TypeError(
+            f"{option}=auto has no size yet: the training command chooses it from the training "
+            "images before it builds the model, and stores it in the checkpoint; outside "
+            "training, give an int or an (H, W) pair such as data.image_size=[256, 320]"
+        )
     if isinstance(size, int):
         pair = (size, size)
     elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
@@ -29,3 +37,79 @@ def model_input_size(
     if crop_size is not None:
         return as_size(crop_size, "data.crop_size")
     return as_size(image_size, "data.image_size")
+
+
+def config_input_size(image_size, crop_size=None) -> list[int] | str:
+    """model.input_size as the configs resolve it: ``auto`` stays ``auto`` until training
+    measures the images (a crop fixes the size at once)."""
+    if is_auto(image_size) and crop_size is None:
+        return AUTO
+    return list(model_input_size(image_size, crop_size))
+
+
+# data.image_size=auto: the model's (H, W) follows the training images' shape at a pixel budget.
+AUTO = "auto"
+MAX_ASPECT = 8.0  # beyond this ratio of the median image's sides, a warning suggests other ways
+
+
+def is_auto(size) -> bool:
+    """Whether a data.image_size value asks for the shape of the training images."""
+    return isinstance(size, str) and size == AUTO
+
+
+def smallest_budget(median_hw: Sequence[int], stride: int) -> int:
+    """The fewest pixels that give the shorter side of this aspect at least one tap stride."""
+    h, w = median_hw
+    return math.ceil(stride * stride * max(h / w, w / h))
+
+
+def auto_input_size(median_hw: Sequence[int], pixels: int, stride: int) -> tuple[int, int]:
+    """(H, W) of about ``pixels`` pixels, shaped like ``median_hw``, each side a multiple of
+    ``stride`` (the largest tap stride: every tap then holds a whole number of patches)."""
+    smallest = smallest_budget(median_hw, stride)
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0:
+        raise ValueError(
+            f"data.pixels={pixels!r} must be a positive number of pixels (H x W of the model "
+            f"input); the smallest value that works for these images is data.pixels={smallest}"
+        )
+    if pixels < smallest:
+        raise ValueError(
+            f"data.pixels={pixels} is too small for a backbone whose largest tap stride is "
+            f"{stride}: on {median_hw[0]}x{median_hw[1]} (H x W) images the shorter side would "
+            f"get under {stride} px, a tap map under 1x1; the smallest value that works is "
+            f"data.pixels={smallest}"
+        )
+    h, w = median_hw
+    ideal_h, ideal_w = math.sqrt(pixels * h / w), math.sqrt(pixels * w / h)
+    return (
+        max(stride, math.floor(ideal_h / stride + 0.5) * stride),
+        max(stride, math.floor(ideal_w / stride + 0.5) * stride),
+    )
+
+
+def square_side(pixels: int) -> int:
+    """The side of a square of about ``pixels`` pixels (auto with a centre crop)."""
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0:
+        raise ValueError(f"data.pixels={pixels!r} must be a positive number of pixels")
+    return math.floor(math.sqrt(pixels) + 0.5)
+
+
+def largest_tap_stride(name: str, out_indices: Sequence[int]) -> int:
+    """The largest reduction of the backbone's taps, from timm's own ``feature_info``."""
+    import timm  # the sizes of a config need no torch; the backbone's strides do
+
+    model = timm.create_model(
+        name, pretrained=False, features_only=True, out_indices=tuple(out_indices)
+    )
+    return int(max(model.feature_info.reduction()))
+
+
+def trained_sizes(data: Mapping, input_size) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(resize, crop) a checkpoint's model was trained with, from its datamodule's sizes; where
+    those hold no size (``auto`` not yet chosen, a datamodule without them) the model's input."""
+    crop = data.get("crop_size")
+    crop = as_size(crop, "data.crop_size") if crop else None
+    image = data.get("image_size")
+    if image is None or is_auto(image):
+        return as_size(input_size, "model.input_size"), crop
+    return as_size(image, "data.image_size"), crop

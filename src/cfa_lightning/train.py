@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -24,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from .checkpoint import exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR, is_multirun
+from .models.backbone import WeightsUnavailable
 from .precision import check_precision
 from .selection import (
     SelectionCheck,
@@ -35,6 +37,7 @@ from .selection import (
     selects,
     sweeper_target,
 )
+from .sizes import is_auto, largest_tap_stride
 from .utils import (
     closing_loggers,
     format_table,
@@ -68,6 +71,16 @@ def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list, epoch0: bool
     if epoch0 and max_epochs is not None and max_epochs >= 0:
         kw.setdefault("max_epochs", max_epochs + 1)  # + the untrained epoch 0
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kw)
+
+
+def choose_image_size(cfg: DictConfig, datamodule: Any) -> None:
+    """``data.image_size=auto``: measure the training images and fix (H, W) in the config before
+    the model is built; model.input_size, the checkpoint and metrics.json follow it."""
+    if not is_auto(cfg.data.get("image_size")):
+        return
+    stride = largest_tap_stride(cfg.backbone.name, cfg.backbone.out_indices)
+    datamodule.prepare_data()  # the images must be there to be measured (a download is locked)
+    cfg.data.image_size = list(datamodule.choose_image_size(stride, cfg.backbone.name))
 
 
 def refit(
@@ -111,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     test = tests_after_fit(cfg)
     pl.seed_everything(cfg.seed, workers=True)  # phi's init, and so the bank, depend on the seed
     datamodule = instantiate(cfg.data)
+    choose_image_size(cfg, datamodule)  # auto: from the training images, before the model
     model = instantiate(cfg.model, untrained_epoch=epoch0)
     loggers = instantiate_dict(cfg.get("logger"))
     with closing_loggers(loggers):
@@ -179,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 status="ok",
                 protocol=cfg.get("protocol"),
                 input_size=plain(cfg.model.input_size),
+                auto_size=datamodule.auto_size,  # how data.image_size=auto chose it, or None
                 epochs=stopped,
                 selection=selection,
                 val_metrics=val_metrics,
@@ -188,6 +203,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 refit_time_s=None if refit_time is None else round(refit_time, 2),
                 world_size=trainer.world_size,
                 radius_final=float(model.model.loss_fn.radius.detach()),
+                bank_centres=model.model.bank.n_centres,
+                bank_build_s=round(getattr(model, "bank_build_s", math.nan), 2),
             )
             if metrics:
                 title = (
@@ -199,6 +216,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 selection["epoch"], rule, stopped, path,
             )  # fmt: skip
     return {**val_metrics, **metrics}  # "val/..." and "test/..." keys
+
+
+def unwrapped(err: Exception) -> Exception:
+    """The error itself, without Hydra's InstantiationException wrappers (their message is the
+    repr of the error they wrap, once per level of the config)."""
+    while isinstance(err, InstantiationException) and isinstance(err.__cause__, Exception):
+        err = err.__cause__
+    return err
 
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
@@ -227,8 +252,11 @@ def _hydra_main(cfg: DictConfig) -> Any:
     check_objective(objective, is_multirun())  # before any work: never tune on the test set
     try:
         metrics = train(cfg)
-    except Exception as err:
+    except Exception as wrapped:
+        err = unwrapped(wrapped)
         record_failure(cfg, err)
+        if isinstance(err, WeightsUnavailable) and not is_multirun():
+            raise SystemExit(f"error: {err}") from None  # the offline routes, in one line
         # Optuna records a trial that raises as failed and goes on (+sweep=tune sets
         # max_failure_rate); a NaN it cannot record, and its sweep stops on its own error.
         if not is_multirun() or selects(sweeper):

@@ -94,6 +94,7 @@ def job_info(cfg: DictConfig) -> dict[str, Any]:
         "crop_size": plain(cfg.data.crop_size),
         "max_epochs": cfg.trainer.get("max_epochs"),
         "gamma_c": cfg.model.gamma_c,
+        "bank": plain(cfg.model.get("bank")),
         "gamma_d": cfg.model.gamma_d,
         "radius_init": cfg.model.radius,
         "job": output_dir().name,

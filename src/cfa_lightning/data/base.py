@@ -9,7 +9,9 @@ folder), never from the test set (see the evaluation protocol in ``cfa_spec.md``
 from __future__ import annotations
 
 import abc
+import logging
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from ..images import image_hw
+from ..sizes import MAX_ASPECT, auto_input_size, is_auto, square_side
 from .dataset import MVTecDataset
 from .layout import Sample
 from .transforms import ImageMaskTransform
@@ -29,6 +34,7 @@ from .verify import verify_samples
 __all__ = ["VAL_ANOMALIES", "AnomalyDataModule", "smallest_val_fraction", "split_train_val"]
 
 VAL_ANOMALIES = ("none", "synthetic")
+log = logging.getLogger("cfa_lightning.data")
 
 
 def _resolve_root(root: str | os.PathLike) -> Path:
@@ -90,6 +96,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         cache_images: bool = False,
         val_anomalies: str = "none",
         synthetic_anomalies: Mapping[str, Any] | None = None,
+        pixels: int = 65536,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,7 +114,14 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
             )
         self.root = _resolve_root(root)
         self.category = category
-        self.transform = ImageMaskTransform(image_size, crop_size)
+        self.pixels = pixels
+        self.auto_size: dict[str, Any] | None = None  # how data.image_size=auto was chosen
+        self.transform: ImageMaskTransform | None = None  # auto: set by choose_image_size
+        if not is_auto(image_size):
+            self.transform = ImageMaskTransform(image_size, crop_size)
+        elif crop_size is not None:  # a crop keeps a square resize: the side of the budget
+            self._set_image_size((square_side(pixels),) * 2)
+        self._samples: tuple[list[Sample], list[Sample], list[Sample]] | None = None
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
@@ -134,9 +148,10 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
             s.mask_path is not None for s in self.test_set.samples
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:  # scan once, whatever the stage
-            return
+    def _verified_samples(self) -> tuple[list[Sample], list[Sample], list[Sample]]:
+        """(train, val, test) samples with unreadable files handled; scanned once."""
+        if self._samples is not None:
+            return self._samples
         train, val, test = self.scan()
         if self.verify_images:
             kept = set(verify_samples([*train, *val, *test], skip_bad=self.skip_bad_images))
@@ -145,29 +160,101 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
                 raise ValueError("no readable training image is left after skipping bad files")
             if not test:
                 raise ValueError("no readable test image is left after skipping bad files")
+        self._samples = (train, val, test)
+        return self._samples
+
+    def _set_image_size(self, size: tuple[int, int]) -> None:
+        """Resize to ``size`` (H, W); the checkpoint's data hyper-parameters record it."""
+        self.transform = ImageMaskTransform(list(size), self.hparams.crop_size)
+        self.hparams["image_size"] = list(size)
+
+    def choose_image_size(self, stride: int, backbone: str = "the backbone") -> tuple[int, int]:
+        """``data.image_size=auto``: (H, W) shaped like the median training image at
+        ``data.pixels`` pixels, each side a multiple of ``stride`` (the largest tap stride)."""
+        if self.transform is not None:
+            return self.transform.image_size
+        train, _, _ = self._verified_samples()
+        sizes = [image_hw(s.path) for s in train]  # (H, W) of each training image
+        median = (round(statistics.median(h for h, _ in sizes)),
+                  round(statistics.median(w for _, w in sizes)))  # fmt: skip
+        size = auto_input_size(median, self.pixels, stride)
+        self._set_image_size(size)
+        self.auto_size = {"pixels": self.pixels, "median_image": list(median), "stride": stride,
+                          "image_size": list(size), "images": len(sizes)}  # fmt: skip
+        self.hparams["auto_size"] = dict(self.auto_size)
+        log.info(
+            "training images %dx%d (H x W, median of %d): model input %dx%d (data.pixels=%d; "
+            "sides multiples of %d, the largest tap stride of %s)",
+            *median, len(sizes), *size, self.pixels, stride, backbone,
+        )  # fmt: skip
+        aspect = max(median) / min(median)
+        if aspect > MAX_ASPECT:
+            log.warning(
+                "the training images are %dx%d (H x W, median), an aspect ratio of %.1f:1, beyond "
+                "%g:1: the model input %dx%d leaves the short side few pixels. Set the size "
+                "yourself with data.image_size=[H, W], or cut the images into tiles of a "
+                "moderate aspect and train on those.",
+                *median, aspect, MAX_ASPECT, *size,
+            )  # fmt: skip
+        return size
+
+    def _adopt_model_size(self) -> None:
+        """``auto`` not chosen before setup: take the input size of the model being run."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        size = getattr(getattr(module, "model", None), "input_size", None)
+        if size is None:
+            raise ValueError(
+                "data.image_size=auto is chosen from the training images before the model is "
+                "built (cfa_lightning.train does it); call choose_image_size(stride) before "
+                "setup, or give data.image_size as an int or [H, W]"
+            )
+        self._set_image_size(tuple(size))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:  # scan once, whatever the stage
+            return
+        train, val, test = self._verified_samples()
+        if self.transform is None:
+            self._adopt_model_size()
         cache = self.cache_images
         self.train_set = MVTecDataset(train, self.transform, cache)
         self.val_set = MVTecDataset(val, self.transform, cache) if val else None
         self.test_set = MVTecDataset(test, self.transform, cache)
         if self.val_anomalies == "synthetic":
             self.val_set = self._synthetic_val_set(val)
+        if val:
+            synthetic = getattr(self.val_set, "n_synthetic", 0)
+            real = sum(s.label != 0 for s in val)
+            rank_zero_info(
+                f"validation: {len(val) - real} normal images, {synthetic} with synthetic "
+                f"defects, {real} real anomalies"
+            )
 
     def _synthetic_val_set(self, val: list[Sample]) -> SyntheticValidationSet:
+        """The normal validation images with their synthetic defects, and the split's real
+        anomalies beside them."""
         normal = [s for s in val if s.label == 0]
+        real = [s for s in val if s.label != 0]
         need = self.synthetic_config.min_images
+        val_dir = getattr(self, "folders", {}).get("val_dir")
+        if len(normal) < need and val_dir:
+            raise ValueError(
+                f"data.val_anomalies=synthetic needs at least {need} normal validation images "
+                f"(data.synthetic_anomalies.min_images), but data.val_dir={val_dir} holds "
+                f"{len(normal)}: put at least {need} normal images in it (flat, or in a good/ "
+                "subfolder beside the defect folders); or validate without synthetic anomalies "
+                "and test the last epoch (data.val_anomalies=none +protocol=last_epoch)."
+            )
         if len(normal) < need:
-            if getattr(self, "folders", {}).get("val_dir"):
-                fix = "put more normal images in data.val_dir"
-            else:
-                n = len(val) + len(self.train_set)  # the images the split is drawn from
-                fraction = smallest_val_fraction(n, need)
-                fix = (
-                    f"set data.val_fraction={fraction} or more (the smallest that holds out "
-                    f"{need} of these {n} images)"
-                    if fraction is not None
-                    else f"{n} training images are too few: synthetic validation needs {need} "
-                    "held out and at least one left to train on"
-                )
+            n = len(val) + len(self.train_set)  # the images the split is drawn from
+            fraction = smallest_val_fraction(n, need)
+            fix = (
+                f"set data.val_fraction={fraction} or more (the smallest that holds out "
+                f"{need} of these {n} images)"
+                if fraction is not None
+                else f"{n} training images are too few: synthetic validation needs {need} "
+                "held out and at least one left to train on"
+            )
             raise ValueError(
                 f"data.val_anomalies=synthetic needs at least {need} normal validation images "
                 f"(data.synthetic_anomalies.min_images), found {len(normal)} "
@@ -175,7 +262,11 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
                 "(data=folder data.val_dir=...), or validate without anomalies and test the "
                 "last epoch (data.val_anomalies=none +protocol=last_epoch)."
             )
-        return SyntheticValidationSet(MVTecDataset(normal, self.transform), self.synthetic_config)
+        return SyntheticValidationSet(
+            MVTecDataset(normal, self.transform),
+            self.synthetic_config,
+            MVTecDataset(real, self.transform) if real else None,
+        )
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:

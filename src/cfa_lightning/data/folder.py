@@ -235,6 +235,21 @@ class FolderDataModule(AnomalyDataModule):
         val = found["val"]
         if val:
             check_disjoint(val, normal_test + found["abnormal"])
+            if not any(s.label == 0 for s in val):
+                synthetic = self.val_anomalies == "synthetic"
+                need = self.synthetic_config.min_images if synthetic else 1
+                why = (
+                    " (data.synthetic_anomalies.min_images: the synthetic defects are drawn on "
+                    "them)"
+                    if synthetic
+                    else ""
+                )
+                raise ValueError(
+                    f"data.val_dir={self.folders['val_dir']} holds {len(val)} defective "
+                    "image(s) and no normal one, but the thresholds are calibrated on normal "
+                    f"validation images: put at least {need} normal image(s){why} in a good/ "
+                    "subfolder of data.val_dir, beside the defect folders."
+                )
         else:
             train_idx, val_idx = split_train_val(len(normal), self.val_fraction, self.split_seed)
             normal, val = [normal[i] for i in train_idx], [normal[i] for i in val_idx]

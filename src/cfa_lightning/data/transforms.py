@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..geometry import crop_box
 from ..images import load_mask, load_rgb, to_mask_l, to_rgb  # torch-free; re-exported here
 from ..sizes import as_size
 
@@ -69,9 +70,10 @@ class ImageMaskTransform:
             m = TF.to_image(to_mask_l(mask))  # (1, H0, W0) uint8
             m = TF.resize(m, list(self.image_size), interpolation=InterpolationMode.NEAREST)
 
-        if self.crop_size is not None:
-            x = TF.center_crop(x, list(self.crop_size))  # (3, h, w)
-            m = TF.center_crop(m, list(self.crop_size))  # (1, h, w)
+        if self.crop_size is not None:  # the crop box of geometry.py, as Predictor and deploy
+            (top, left), (h, w) = crop_box(self.image_size, self.crop_size), self.crop_size
+            x = x[:, top : top + h, left : left + w]  # (3, h, w)
+            m = m[:, top : top + h, left : left + w]  # (1, h, w)
 
         m = (m.as_subclass(Tensor) > MASK_THRESHOLD).to(torch.float32)  # (1, H, W) in {0, 1}
         return x.as_subclass(Tensor).contiguous(), m.contiguous()

@@ -55,14 +55,18 @@ class SyntheticAnomalyConfig:
 
 
 class SyntheticValidationSet(Dataset):
-    """Normal validation images followed by their synthetic-defect copies, all in memory.
+    """Normal validation images, their synthetic-defect copies, then the split's real anomalies
+    (``real``, e.g. the defect folders of ``data.val_dir``), all in memory.
 
     Items are those of :class:`~cfa_lightning.data.dataset.MVTecDataset` plus ``synthetic``
     (bool). The k-th copy of image i uses family ``families[(i * per_image + k) % F]``, so the
-    families are balanced, and the generator ``default_rng([seed, i, k])``.
+    families are balanced, and the generator ``default_rng([seed, i, k])``. Defects are drawn
+    on, and pasted from, the normal images only.
     """
 
-    def __init__(self, normal: Dataset, config: SyntheticAnomalyConfig) -> None:
+    def __init__(
+        self, normal: Dataset, config: SyntheticAnomalyConfig, real: Dataset | None = None
+    ) -> None:
         items = [normal[i] for i in range(len(normal))]  # decoded once, (3, H, W) in [0, 1]
         arrays = [item["image"].permute(1, 2, 0).numpy() for item in items]  # (H, W, 3)
         self.items: list[dict[str, Any]] = []
@@ -86,7 +90,12 @@ class SyntheticValidationSet(Dataset):
                 )
                 self.items[-1]["image"] = self.items[-1]["image"].permute(2, 0, 1).contiguous()
         self.n_normal = len(items)
-        self.samples = getattr(normal, "samples", [])  # the real files behind the set
+        self.n_synthetic = len(self.items) - self.n_normal
+        real = real if real is not None else []
+        self.items += [{**real[i], "synthetic": torch.tensor(False)} for i in range(len(real))]
+        self.n_real = len(real)
+        # the real files behind the set
+        self.samples = [*getattr(normal, "samples", []), *getattr(real, "samples", [])]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -106,8 +106,13 @@ class AnomalyMetrics(torchmetrics.Metric):
         labels: Tensor,
         maps: Tensor | None = None,
         masks: Tensor | None = None,
+        pixel_rows: Tensor | None = None,
     ) -> None:
-        """Store a batch: image_scores (B,), labels (B,) 0/1, maps and masks (B, H, W)."""
+        """Store a batch: image_scores (B,), labels (B,) 0/1, maps and masks (B, H, W).
+
+        ``pixel_rows`` (B,) bool: the images whose maps enter the pixel metrics (all if None),
+        e.g. not an anomalous image that comes without a mask.
+        """
         image_scores = image_scores.detach().to("cpu", torch.float32).reshape(-1)  # (B,)
         labels = as_bool_mask(labels.detach().to("cpu")).reshape(-1)  # (B,)
         if image_scores.shape != labels.shape:
@@ -131,6 +136,9 @@ class AnomalyMetrics(torchmetrics.Metric):
             raise ValueError(
                 f"{maps.shape[0]} maps for {image_scores.shape[0]} image scores in one batch"
             )
+        if pixel_rows is not None:
+            rows = pixel_rows.detach().to("cpu", torch.bool).reshape(-1)  # (B,)
+            maps, masks = maps[rows], masks[rows]
         self.maps.append(maps)
         self.masks.append(masks)
 

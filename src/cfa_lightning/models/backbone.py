@@ -75,7 +75,51 @@ class Backbone(nn.Module):
             return self.model(x)
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that cannot be fetched; the message gives the offline routes."""
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable(name: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot serve ``name``'s weights now; None when they are cached,
+    the hub answers, or they do not come from the hub.
+
+    One request without retries: huggingface_hub retries a missing file with back-off for most
+    of a minute before giving up, which is no use to a machine without internet.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        return None
+    repo, _, revision = hub_id.partition("@")
+    filename = cfg.hf_hub_filename or "pytorch_model.bin"
+    for candidate in ("model.safetensors", filename):  # timm takes the safetensors one first
+        cached = huggingface_hub.try_to_load_from_cache(repo, candidate, revision=revision or None)
+        if isinstance(cached, str):
+            return None
+    url = huggingface_hub.hf_hub_url(repo, filename, revision=revision or None)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=timeout_s)
+    except HfHubHTTPError as err:  # the hub answered (a missing file, a gated repo): reachable
+        return None if getattr(err, "response", None) is not None else str(err)
+    except Exception as err:  # no route, no DNS, a timeout, HF_HUB_OFFLINE=1
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _create(name: str, out_indices: tuple[int, ...], pretrained: bool) -> nn.Module:
+    if pretrained:
+        reason = hub_unreachable(name)
+        if reason is not None:
+            raise WeightsUnavailable(
+                f"could not fetch pretrained weights for backbone {name!r}: the model hub is "
+                f"unreachable and they are not in the local cache ({reason}). " + OFFLINE_ROUTES
+            )
     try:
         return timm.create_model(
             name, pretrained=pretrained, features_only=True, out_indices=out_indices
@@ -87,7 +131,7 @@ def _create(name: str, out_indices: tuple[int, ...], pretrained: bool) -> nn.Mod
             ) from err
         raise
     except (OSError, ConnectionError) as err:  # hub unreachable: huggingface_hub raises OSError kin
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"could not fetch pretrained weights for backbone {name!r} from the model hub ({err}). "
             + OFFLINE_ROUTES
         ) from err

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,7 @@ class CFA(nn.Module):
         blur_sigma: float = 4.0,
         kmeans_seed: int = 0,
         chunk_bytes: int | str | None = "auto",
+        bank: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -63,23 +65,30 @@ class CFA(nn.Module):
         dim = self.descriptor.out_dim  # D'
         with torch.no_grad():  # (h, w) of the first tap at this input size
             h, w = backbone(torch.zeros(1, 3, *self.input_size))[0].shape[-2:]
-        self.bank = MemoryBank(dim, h, w, gamma_c=gamma_c, seed=kmeans_seed)
-        m = self.bank.n_centres
-        if m < K + J:
-            raise ValueError(
-                f"model.K + model.J = {K + J} exceeds the {m} centres of the bank; lower model.gamma_c"
-            )
-        if chunk_bytes not in ("auto", None) and chunk_bytes < row_bytes(m, dim, K + J):
-            raise ValueError(
-                f"model.chunk_mb={chunk_bytes / 2**20:.2g} is too small for one row of the "
-                f"distance search ({m} centres x {dim} dims); use at least "
-                f"{smallest_chunk_mb(m, dim, K + J)} or auto"
-            )
+        bank = dict(bank or {})  # construction, size, max_patches, projection_dim
+        self.bank = MemoryBank(dim, h, w, gamma_c=gamma_c, seed=kmeans_seed, **bank)
         self.chunk_bytes = chunk_bytes
+        self.check_bank_size(self.bank.n_centres)
         self.loss_fn = CFALoss(
             K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius
         )
         self.calibration = Calibration()  # thresholds + normalisation, fitted on validation
+
+    def check_bank_size(self, m: int) -> None:
+        """Refuse a bank of m centres that the search (K + J) or the block budget cannot take."""
+        k = self.K + self.J
+        if m < k:
+            raise ValueError(
+                f"model.K + model.J = {k} exceeds the {m} centres of the bank; lower "
+                "model.gamma_c or raise model.bank.size"
+            )
+        dim, chunk = self.bank.dim, self.chunk_bytes
+        if chunk not in ("auto", None) and chunk < row_bytes(m, dim, k):
+            raise ValueError(
+                f"model.chunk_mb={chunk / 2**20:.2g} is too small for one row of the "
+                f"distance search ({m} centres x {dim} dims); use at least "
+                f"{smallest_chunk_mb(m, dim, k)} or auto"
+            )
 
     def describe(self, images: Tensor, taps: list[Tensor] | None = None) -> Tensor:
         """phi(Z): (B, 3, H, W) -> (B, D', h, w). ``taps``: the frozen backbone's output for these

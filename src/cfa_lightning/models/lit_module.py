@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..distributed import (
     PaddingFilter,
+    all_gather_rows,
     current_eval_loader,
     gather_objects,
     shard_loader,
@@ -98,6 +99,18 @@ def tap_cache_bytes(tap_cache_mb: float) -> int:
     return int(tap_cache_mb * 2**20)
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give (MemAvailable), or None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def build_backbone(cfg: Mapping[str, Any]) -> Backbone:
     """A Backbone from its config group (with or without `_target_`)."""
     cfg = dict(cfg)
@@ -138,10 +151,12 @@ class CFALitModule(pl.LightningModule):
         compile: bool = False,
         untrained_epoch: bool = False,
         tap_cache_mb: float = 2048,
+        bank: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
         input_size = plain(input_size)
+        bank = plain(bank) if bank is not None else {"construction": "positional"}
         self.save_hyperparameters()
         self.model = CFA(
             build_backbone(backbone),
@@ -157,6 +172,7 @@ class CFALitModule(pl.LightningModule):
             blur_sigma=blur_sigma,
             kmeans_seed=kmeans_seed,
             chunk_bytes=chunk_budget_bytes(chunk_mb),
+            bank=bank,
         )
         self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
@@ -240,15 +256,17 @@ class CFALitModule(pl.LightningModule):
 
     @torch.no_grad()
     def build_bank(self, loader) -> None:
-        """Exact mean of phi's initial output over the training set.
+        """The bank from phi's initial output over the training set (memory_bank.py).
 
         phi runs under the training forward's precision (bf16 autocast under bf16-mixed), so the
         centres live where the training and test descriptors do. Under DDP each rank reads only
-        its own share of the images, the sums and counts are reduced, and all take rank 0's
-        centres (k-means on a GPU is not bit-reproducible).
+        its own share of the images; the sums and counts are reduced (positional) or the pools
+        gathered (kmeans, coreset), and all ranks take rank 0's centres.
         """
         bank = self.model.bank
-        bank.reset()
+        n_images = len(loader.dataset)
+        self._check_bank_build(n_images)
+        bank.reset(n_images)
         trainer = self._trainer  # None when called outside a Trainer
         show = trainer is None or (
             trainer.is_global_zero and trainer.progress_bar_callback is not None
@@ -257,22 +275,43 @@ class CFALitModule(pl.LightningModule):
         world, rank = world_and_rank()
         if world > 1:
             loader = shard_loader(loader, rank, world)
+        start = time.perf_counter()
         with precision:
             for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
                 images = batch["image"].to(self.device)
                 taps = self._fit_taps(images, batch.get("image_path"))
                 bank.update(self.model.describe(images, taps))
-        total_sum, total_count = bank.running_sums()  # float64 temporaries of this build
+        stats, count = bank.statistics()  # temporaries of this build
         if world > 1:
-            torch.distributed.all_reduce(total_sum)
-            torch.distributed.all_reduce(total_count)
-        n_images = int(total_count)
-        bank.finalize(total_sum, total_count)
+            torch.distributed.all_reduce(count)
+            if bank.pooled:
+                stats = all_gather_rows(stats)  # every rank's pool, in rank order
+            else:
+                torch.distributed.all_reduce(stats)
+        bank.finalize(stats, count)
         if world > 1:
             torch.distributed.broadcast(bank.centres, src=0)
+        self.bank_build_s = time.perf_counter() - start
         rank_zero_info(
-            f"memory bank built from {n_images} training images: {tuple(bank.centres.shape)} centres"
+            f"memory bank ({bank.construction}) built from {int(count)} training images in "
+            f"{self.bank_build_s:.1f} s: {bank.n_centres} centres of {bank.dim} dims"
         )
+
+    def _check_bank_build(self, n_images: int) -> None:
+        """Stop before the build when the bank's size or memory cannot work for n_images."""
+        bank = self.model.bank
+        if n_images < 1:
+            raise RuntimeError("memory bank has no training image; is the train split empty?")
+        self.model.check_bank_size(bank.centres_for(n_images))
+        need = bank.build_bytes(n_images)
+        available = available_memory_bytes()
+        if available is not None and need > available:
+            raise MemoryError(
+                f"building the {bank.construction} bank needs about {need / 2**30:.1f} GiB for "
+                f"{bank.pool_size(n_images)} patches of {bank.dim} dims, but only "
+                f"{available / 2**30:.1f} GiB is available; lower model.bank.max_patches, "
+                "model.gamma_d or data.image_size"
+            )
 
     # ---- optimisation ------------------------------------------------------------------------
 
@@ -306,8 +345,11 @@ class CFALitModule(pl.LightningModule):
         return bool(self.hparams.get("untrained_epoch")) and self.current_epoch == 0
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        if self._untrained_epoch():  # the closure runs (DDP syncs its zero gradients); no step,
-            optimizer_closure()  # so no weight decay, no AdamW state, no global step
+        # Epoch 0 of a validated fit: the closure runs (DDP syncs its zero gradients) but the
+        # optimiser does not step, so no weight decay and no AdamW state. Lightning counts this
+        # hook's calls, so trainer.global_step still advances by one per batch.
+        if self._untrained_epoch():
+            optimizer_closure()
             return
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
@@ -358,8 +400,11 @@ class CFALitModule(pl.LightningModule):
                 images[normal], with_output=True, taps=[t[normal] for t in taps]
             )
             bs = int(normal.sum())
-            self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-            self.log("val/score_mean", out.image_scores.mean(), batch_size=bs, sync_dist=True)
+            # Sums, reduced once at the epoch's end on every rank: a rank whose share of the
+            # split holds no normal image still takes part in that reduction.
+            self._val_loss_sum += float(loss) * bs
+            self._val_score_sum += float(out.image_scores.sum())
+            self._val_normal += bs
             scores[normal], maps[normal] = out.image_scores, out.maps
             self._val_scores.append(out.image_scores.detach())
             self._val_low = min(self._val_low, float(out.maps.min()))
@@ -368,8 +413,13 @@ class CFALitModule(pl.LightningModule):
             scores[~normal], maps[~normal] = out.image_scores, out.maps
         # Validation pixel metrics on every s-th pixel per axis (s^2 fewer pixels: the exact
         # curves dominate a validation epoch otherwise); test metrics use every pixel.
+        # An anomalous image with an empty mask has no pixel ground truth (a real defect from
+        # data.val_dir comes without a mask): it counts in the image metrics only.
+        pixel_rows = (labels == 0) | masks.flatten(1).any(dim=1)  # (n,)
         s = int(self.hparams.val_pixel_stride)
-        self.val_metrics.update(scores, labels, maps[:, ::s, ::s], masks[:, ::s, ::s])
+        self.val_metrics.update(
+            scores, labels, maps[:, ::s, ::s], masks[:, ::s, ::s], pixel_rows=pixel_rows
+        )
         self._val_has_anomaly |= bool(labels.any())
         self._val_real_anomaly |= bool((labels.bool() & ~synthetic.bool()).any())
 
@@ -378,6 +428,8 @@ class CFALitModule(pl.LightningModule):
         self._val_real_anomaly = False
         self._val_scores: list[torch.Tensor] = []
         self._val_low = float("inf")
+        self._val_loss_sum = self._val_score_sum = 0.0  # over this rank's normal images
+        self._val_normal = 0
         loaders = self.trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         self._val_filter = PaddingFilter(loader)  # drops the sampler's padded duplicates
@@ -385,7 +437,14 @@ class CFALitModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # Decided across ranks: compute() gathers from every rank, so every rank must call it,
-        # also one whose share of the split happens to hold no anomaly.
+        # also one whose share of the split happens to hold no anomaly (or no normal image).
+        sums = torch.tensor(
+            [self._val_loss_sum, self._val_score_sum, self._val_normal], device=self.device
+        )
+        loss_sum, score_sum, n_normal = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        if n_normal > 0:  # the same on every rank
+            self.log("val/loss", loss_sum / n_normal, prog_bar=True)
+            self.log("val/score_mean", score_sum / n_normal)
         has_anomaly = self._any_rank(self._val_has_anomaly)
         real_anomaly = self._any_rank(self._val_real_anomaly)
         f1_thresholds = {}
