@@ -11,7 +11,7 @@ how the tested epoch was chosen (never on the test set). Values are in %.
 Failed jobs (``"status": "failed"``) are listed under the table and left out of the numbers.
 
 Writes ``runs.csv`` (one row per job), ``summary.csv`` (one row per setting and category) and
-``results.md``; ``--reference`` adds the literature numbers of ``cfa_spec.md`` below the mean;
+``results.md``; ``--reference`` adds the literature numbers of ``docs/method.md`` below the mean;
 ``--wandb-project`` also logs the summary as a W&B table (offline with WANDB_MODE=offline).
 """
 
@@ -42,7 +42,7 @@ SETTING_KEYS = (
 )
 README_START = "<!-- benchmark-table:start -->"
 README_END = "<!-- benchmark-table:end -->"
-# cfa_spec.md, "Reference numbers": MVTec AD 15-class mean, image / pixel AUROC (%).
+# docs/method.md, "Reference numbers": MVTec AD 15-class mean, image / pixel AUROC (%).
 REFERENCES = (
     ("paper, wide_resnet50_2 (CFA++, per-class max of two runs, best test epoch)", 99.5, 98.5),
     ("authors' README, resize 256 + crop 224, best test epoch", 99.3, 98.2),

@@ -1,18 +1,26 @@
 """Speed and memory of CFA: the default ("fast") path against the naive reference, in one process.
 
-For each backbone and precision: one model (random weights, `pretrained: false`: speed does not
-depend on them, and nothing is downloaded) and one batch of random images. "fast" is the default
-path (a dense float32 search per block of patches, only the K + J selected distances recomputed
-with gradients); "naive" materialises the full (patches x centres) distance tensor and
-backpropagates through it. Rounds alternate fast and naive (train step, then inference step), so
-that the drift of a shared machine hits both alike; img/s = batch / median step time.
+For each backbone and precision: one batch of random images, one backbone (random weights,
+`pretrained: false`: speed does not depend on them, and nothing is downloaded) and one model per
+memory bank on that shared backbone: today's bank (positional, h * w centres) and, with `--bank`,
+a kmeans or coreset bank of `--bank-size` centres beside it. Every bank is built by the real
+MemoryBank code from `--bank-images` random images (not the timed batch); that build (update and
+finalize, not describing the images) is timed on its own and kept out of the steps' timings.
+"fast" is the default path (a dense float32 search per block of patches, only the K + J selected
+distances recomputed with gradients); "naive" materialises the full (patches x centres) distance
+tensor and backpropagates through it. Rounds alternate every (bank, path) pair, forwards then
+backwards (train step, then inference step), so that the drift of a shared machine hits all alike;
+img/s = batch / median step time.
 Peak memory of a step: on CUDA the allocator's maximum; on CPU the process's peak RSS during that
 step (reset before it through /proc/self/clear_refs, after returning freed heap to the system).
+Every bank's model stays resident, so a peak also holds the other banks' centres (M x D' floats).
 Before timing, fast and naive are compared on the same inputs (maps, loss gradients).
 
     python experiments/benchmark.py --quick    # make bench: 3 backbones, batch 2, fp32; ~170 CPU-s
     python experiments/benchmark.py            # the full grid
     python experiments/benchmark.py --device cuda --batch 32 --precision 32 bf16-mixed
+    python experiments/benchmark.py --bank coreset --bank-size 16384 --bank-images 8
+    python experiments/benchmark.py --bank kmeans --bank-size 0.05   # a fraction of bank patches
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 from cfa_lightning.models.backbone import Backbone
 from cfa_lightning.models.cfa import CFA, CFAOutput
 from cfa_lightning.models.distances import squared_distances
+from cfa_lightning.models.memory_bank import CONSTRUCTIONS, bank_size
 
 BACKBONES = ["resnet18", "tf_efficientnet_lite0", "wide_resnet50_2"]
 FULL = {"backbones": BACKBONES, "size": 256, "batch": 8, "rounds": 3,
@@ -83,16 +92,36 @@ def peak_mb(device: torch.device) -> float:
 # ---- the two paths ------------------------------------------------------------------------------
 
 
-def build(name: str, size: int, device: torch.device) -> CFA:
-    """A model with a bank from two random images (random backbone weights)."""
-    torch.manual_seed(0)
-    model = CFA(Backbone(name, pretrained=False), input_size=size).to(device)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_bank(model: CFA, n_images: int, chunk: int) -> float:
+    """Build the model's bank by the MemoryBank code from ``n_images`` random images (``chunk``
+    at a time); returns the seconds of the build (update and finalize, describing not counted)."""
+    try:
+        model.check_bank_size(model.bank.centres_for(n_images))
+    except ValueError as err:
+        raise ValueError(f"{err} (benchmark: raise --bank-images or lower --bank-size)") from None
+    device = model.bank.centres.device
+    gen = torch.Generator().manual_seed(1)  # the same bank images for every bank
+    seconds = 0.0
+    model.bank.reset(n_images)
     with torch.no_grad():
-        model.bank.update(model.describe(torch.rand(2, 3, size, size, device=device)))
-        model.bank.finalize()
+        for first in range(0, n_images, chunk):
+            images = torch.rand(min(chunk, n_images - first), 3, *model.input_size, generator=gen)
+            desc = model.describe(images.to(device))  # (b, D', h, w)
+            sync(device)
+            start = time.perf_counter()
+            model.bank.update(desc)
+            if first + chunk >= n_images:
+                model.bank.finalize()
+            sync(device)
+            seconds += time.perf_counter() - start
         # Break exact ties between neighbouring centres of an untrained net (see tests/test_cfa.py).
         model.bank.centres.add_(1e-2 * torch.randn_like(model.bank.centres))
-    return model
+    return seconds
 
 
 def naive_forward(model: CFA, images: torch.Tensor) -> CFAOutput:
@@ -131,73 +160,111 @@ def check_against_naive(model: CFA, images: torch.Tensor, autocast) -> dict[str,
     }
 
 
+def bank_label(bank: dict) -> str:
+    size = bank.get("size")
+    return bank["construction"] + ("" if size is None else f" {size}")
+
+
 def run_cell(name: str, size: int, batch: int, precision: str, device: torch.device,
-             rounds: int) -> dict:  # fmt: skip
-    """One (backbone, size, batch, precision): fast and naive alternating, train and inference."""
-    model = build(name, size, device)
+             rounds: int, banks: list[dict], bank_images: int) -> list[dict]:  # fmt: skip
+    """One (backbone, size, batch, precision): a row per bank, every (bank, path) alternating in
+    each round, train and inference. The first bank is the reference of the "vs h*w" ratios."""
+    torch.manual_seed(0)
+    backbone = Backbone(name, pretrained=False)
+    cell = {"backbone": name, "size": size, "batch": batch, "precision": precision,
+            "device": str(device), "rounds": rounds, "bank_images": bank_images}  # fmt: skip
+    rows, built, models = [], [], []
+    for bank in banks:
+        rows.append({**cell, "bank": bank_label(bank)})
+        try:
+            torch.manual_seed(0)  # the same phi for every bank
+            # Made on the CPU, where CFA probes the shared backbone before any model moves it.
+            built.append((rows[-1], CFA(backbone, input_size=size, bank=bank)))
+        except Exception as err:  # a bank that cannot be made is a table row; the others run
+            rows[-1]["error"] = f"{type(err).__name__}: {err}"[:300]
+    for r, model in built:
+        try:
+            r["build_s"] = build_bank(model.to(device), bank_images, batch)
+        except Exception as err:
+            r["error"] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        r["centres"] = model.bank.n_centres
+        models.append((r, model))
+    del built
     images = torch.rand(batch, 3, size, size, device=device)
     dtype = AUTOCAST.get(precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    check = check_against_naive(model, images[:1], autocast)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                            amsgrad=True)  # fmt: skip
+    opts = []
+    for r, model in models:
+        r["check"] = check_against_naive(model, images[:1], autocast)
+        opts.append(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=1e-3, amsgrad=True))  # fmt: skip
 
-    def train(naive: bool) -> None:
+    def train(i: int, naive: bool) -> None:
         with autocast:
-            loss, _ = model.loss(images, naive=naive)
-        opt.zero_grad(set_to_none=True)
+            loss, _ = models[i][1].loss(images, naive=naive)
+        opts[i].zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opts[i].step()
 
-    def infer(naive: bool) -> None:
+    def infer(i: int, naive: bool) -> None:
+        model = models[i][1]
         with torch.inference_mode(), autocast:
             (naive_forward(model, images) if naive else model(images)).maps.sum().item()
 
-    def measure(step, naive: bool) -> tuple[float, float]:
+    def measure(step, i: int, naive: bool) -> tuple[float, float]:
         reset_peak(device)
         start = time.perf_counter()
-        step(naive)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        step(i, naive)
+        sync(device)
         return time.perf_counter() - start, peak_mb(device)
 
-    times = {(s, p): [] for s in ("train", "infer") for p in ("fast", "naive")}
+    order = [(i, path) for i in range(len(models)) for path in ("fast", "naive")]
+    times = {(i, s, p): [] for s in ("train", "infer") for i, p in order}
     peaks = {key: 0.0 for key in times}
     for round_ in range(rounds + 1):  # round 0 warms up (allocator, kernels, caches)
         for stage, step in (("train", train), ("infer", infer)):
-            for path in ("fast", "naive") if round_ % 2 == 0 else ("naive", "fast"):
-                seconds, peak = measure(step, path == "naive")
+            for i, path in order if round_ % 2 == 0 else order[::-1]:
+                seconds, peak = measure(step, i, path == "naive")
                 if round_ > 0:
-                    times[stage, path].append(seconds)
-                peaks[stage, path] = max(peaks[stage, path], peak)
-    result = {"backbone": name, "size": size, "batch": batch, "precision": precision,
-              "device": str(device), "rounds": rounds, "check": check}  # fmt: skip
-    for (stage, path), ts in times.items():
-        result[f"{stage}_{path}_ips"] = batch / statistics.median(ts)
-        result[f"{stage}_{path}_peak_mb"] = peaks[stage, path]
-    return result
+                    times[i, stage, path].append(seconds)
+                peaks[i, stage, path] = max(peaks[i, stage, path], peak)
+    for (i, stage, path), ts in times.items():
+        models[i][0][f"{stage}_{path}_ips"] = batch / statistics.median(ts)
+        models[i][0][f"{stage}_{path}_peak_mb"] = peaks[i, stage, path]
+    reference = rows[0] if "error" not in rows[0] else None
+    for r, _ in models:
+        if reference is not None and r is not reference:
+            r["vs_reference"] = {stage: r[f"{stage}_fast_ips"] / reference[f"{stage}_fast_ips"]
+                                 for stage in ("train", "infer")}  # fmt: skip
+    return rows
 
 
 # ---- the table ----------------------------------------------------------------------------------
 
-HEADER = ("backbone", "px", "batch", "precision", "train img/s fast / naive", "train x",
-          "infer img/s fast / naive", "infer x", "train peak MB fast / naive",
+HEADER = ("backbone", "px", "batch", "precision", "bank", "centres", "bank build s",
+          "train img/s fast / naive", "train x", "infer img/s fast / naive", "infer x",
+          "fast vs h*w (train / infer)", "train peak MB fast / naive",
           "infer peak MB fast / naive", "max rel. diff (maps / grads)")  # fmt: skip
 
 
 def row(r: dict) -> str:
     if "error" in r:
-        cells = [r["backbone"], r["size"], r["batch"], r["precision"], f"error: {r['error']}"]
+        cells = [r["backbone"], r["size"], r["batch"], r["precision"], r.get("bank", ""),
+                 r.get("centres", ""), f"error: {r['error']}"]  # fmt: skip
         return "| " + " | ".join(map(str, cells)) + " |"
 
     def pair(key: str, fmt: str) -> str:
         fast, naive = r[key.format("fast")], r[key.format("naive")]
         return f"{fast:{fmt}} / {naive:{fmt}}"
 
+    vs = r.get("vs_reference")
     cells = [
-        r["backbone"], r["size"], r["batch"], r["precision"],
+        r["backbone"], r["size"], r["batch"], r["precision"], r["bank"], r["centres"],
+        f"{r['build_s']:.2f}",
         pair("train_{}_ips", ".2f"), f"x{r['train_fast_ips'] / r['train_naive_ips']:.2f}",
         pair("infer_{}_ips", ".2f"), f"x{r['infer_fast_ips'] / r['infer_naive_ips']:.2f}",
+        f"x{vs['train']:.2f} / x{vs['infer']:.2f}" if vs else "-",
         pair("train_{}_peak_mb", ".0f"), pair("infer_{}_peak_mb", ".0f"),
         f"{r['check']['maps_rel']:.1e} / {r['check']['grad_rel']:.1e}",
     ]  # fmt: skip
@@ -208,6 +275,16 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads"
+
+
+def size_arg(text: str) -> int | float:
+    """--bank-size: a whole number of centres ("16384") or a fraction of all bank patches ("0.1")."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a number of centres nor a fraction")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,16 +298,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="override the input size (px)")
     parser.add_argument("--batch", type=int, help="override the batch size")
     parser.add_argument("--rounds", type=int, help="timed rounds per cell (after one warm-up)")
+    parser.add_argument("--bank", choices=CONSTRUCTIONS, default="positional",
+                        help="a bank to time beside positional (h*w centres)")  # fmt: skip
+    parser.add_argument("--bank-size", type=size_arg,
+                        help="its centres: a count (16384) or a fraction of all bank patches "
+                             "(0.1); default h*w")  # fmt: skip
+    parser.add_argument("--bank-images", type=int,
+                        help="random images every bank is built from (default: the batch size)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     args = parser.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
     for key in ("precision", "backbones", "size", "batch", "rounds"):
         if getattr(args, key) is not None:
             plan["precisions" if key == "precision" else key] = getattr(args, key)
+    bank_images = plan["batch"] if args.bank_images is None else args.bank_images
+    if bank_images < 1:
+        parser.error(f"--bank-images {bank_images}: a bank needs at least one image")
+    if args.bank == "positional" and args.bank_size is not None:
+        parser.error("--bank-size sizes the bank timed beside positional: add --bank kmeans or "
+                     "--bank coreset")  # fmt: skip
+    try:
+        bank_size(args.bank_size, args.bank, 1, 1)
+    except ValueError as err:
+        parser.error(f"--bank {args.bank} --bank-size {args.bank_size}: {err}")
+    banks = [{"construction": "positional"}]
+    if args.bank != "positional":
+        banks.append({"construction": args.bank, "size": args.bank_size})
     device = torch.device(args.device)
     peak = "max allocated" if device.type == "cuda" else "peak RSS of the process during the step"
     print(f"# CFA fast vs naive on {machine(device)}; torch {torch.__version__}; random weights; "
-          f"gamma_c = gamma_d = 1; {plan['rounds']} timed round(s), fast and naive alternating; "
+          f"gamma_c = gamma_d = 1; {plan['rounds']} timed round(s), every bank and path "
+          f"alternating; banks built from {bank_images} random image(s), build not in the steps; "
           f"peak memory = {peak}\n")  # fmt: skip
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER), flush=True)
@@ -238,19 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     for precision in plan["precisions"]:
         for name in plan["backbones"]:
             try:
-                r = run_cell(name, plan["size"], plan["batch"], precision, device, plan["rounds"])
+                rows = run_cell(name, plan["size"], plan["batch"], precision, device,
+                                plan["rounds"], banks, bank_images)  # fmt: skip
             except Exception as err:  # one cell's failure (out of memory, say) is a table row
-                r = {"backbone": name, "size": plan["size"], "batch": plan["batch"],
-                     "precision": precision, "error": f"{type(err).__name__}: {err}"[:200]}  # fmt: skip
-            results.append(r)
-            print(row(r), flush=True)
+                rows = [{"backbone": name, "size": plan["size"], "batch": plan["batch"],
+                         "precision": precision, "bank": bank_label(bank),
+                         "error": f"{type(err).__name__}: {err}"[:200]} for bank in banks]  # fmt: skip
+            results.extend(rows)
+            for r in rows:
+                print(row(r), flush=True)
     bad = [r for r in results if "check" in r and (r["check"]["maps_rel"] > MAPS_TOLERANCE
            or r["check"]["grad_rel"] > GRAD_TOLERANCE[r["precision"]])]  # fmt: skip
     slower = [r for r in results if "check" in r and min(
         r["train_fast_ips"] / r["train_naive_ips"], r["infer_fast_ips"] / r["infer_naive_ips"]) < 1]  # fmt: skip
-    print(f"\nfast vs naive: {len(bad)} cell(s) outside tolerance (maps {MAPS_TOLERANCE:.0e}, "
+    print(f"\nfast vs naive: {len(bad)} row(s) outside tolerance (maps {MAPS_TOLERANCE:.0e}, "
           f"gradients {', '.join(f'{p} {t:.1e}' for p, t in GRAD_TOLERANCE.items())}); "
-          f"{len(slower)} cell(s) where fast is slower than naive in training or inference")  # fmt: skip
+          f"{len(slower)} row(s) where fast is slower than naive in training or inference")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     errors = [r for r in results if "error" in r]

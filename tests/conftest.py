@@ -66,3 +66,25 @@ def trained_checkpoint(synthetic_root, tmp_path_factory) -> Path:
     path = out / "model.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def coreset_checkpoint(synthetic_root, tmp_path_factory) -> Path:
+    """As trained_checkpoint, with a coreset bank sized by a fraction: larger than h * w."""
+    import pytorch_lightning as pl
+
+    from cfa_lightning.data import MVTecDataModule
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    pl.seed_everything(0)
+    out = tmp_path_factory.mktemp("coreset")
+    dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
+                         eval_batch_size=4, val_fraction=0.25)  # fmt: skip
+    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
+                          input_size=[64, 80], bank={"construction": "coreset", "size": 0.5})  # fmt: skip
+    trainer = pl.Trainer(default_root_dir=out, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    path = out / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path

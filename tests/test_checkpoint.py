@@ -151,3 +151,18 @@ def test_a_checkpoint_from_before_the_lean_search_loads_and_scores_identically(
     assert len(notices) == 1 and "\n" not in notices[0] and "group_of" in notices[0]
     old_score = Predictor.from_checkpoint(old).predict(images[0]).score
     assert old_score == Predictor.from_checkpoint(trained_checkpoint).predict(images[0]).score
+
+
+def test_a_checkpoint_loads_with_its_own_bank_whatever_the_config_says(coreset_checkpoint):
+    ckpt = torch.load(coreset_checkpoint, map_location="cpu", weights_only=True)
+    saved = ckpt["state_dict"]["model.bank.centres"]
+    assert ckpt["hyper_parameters"]["bank"]["construction"] == "coreset"
+    pl.seed_everything(1)
+    restored = CFALitModule.from_checkpoint(coreset_checkpoint)
+    bank = restored.model.bank
+    assert bank.construction == "coreset" and bank.size == 0.5
+    assert torch.equal(bank.centres, saved) and saved.shape[0] > 16 * 20  # a fraction > h * w
+    images = torch.rand(2, 3, 64, 80)
+    again = CFALitModule.from_checkpoint(coreset_checkpoint)
+    with torch.no_grad():
+        assert torch.equal(restored.model(images).maps, again.model(images).maps)

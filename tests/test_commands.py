@@ -114,6 +114,21 @@ def test_multirun_over_radius_and_gamma_c(tmp_path):
     assert any("model.gamma_c=4" in p.parent.name for p in results)  # folders name the values
 
 
+def test_multirun_over_bank_constructions_and_size(tmp_path):
+    proc = run("cfa_lightning.train", "-m", "+experiment=demo", f"data.root={tmp_path / 'data'}", *SMALL[:-1],
+               "trainer.max_epochs=1", "model/bank=positional,kmeans,coreset",
+               "model.bank.size=0.05",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks=selection", "logger=none")  # fmt: skip
+    paths = sorted((tmp_path / "sweep").glob("*/metrics.json"))  # one folder per job
+    assert len(paths) == 3, proc.stdout[-2000:]
+    assert any("model.bank=kmeans" in p.parent.name for p in paths)  # folders name the values
+    results = [json.loads(p.read_text()) for p in paths]
+    built = {r["bank"]["construction"]: r["bank_centres"] for r in results}
+    hw = built["positional"]  # (h * w): the size is ignored by the positional bank
+    assert built["kmeans"] == built["coreset"] == round(0.05 * 8 * hw)  # 8 of 12 images train
+    assert all(r["status"] == "ok" and r["bank_build_s"] > 0 for r in results)
+
+
 def test_wandb_logger_works_offline_without_an_account(tmp_path):
     out = tmp_path / "run"
     run("cfa_lightning.train", "+experiment=demo", f"data.root={tmp_path / 'data'}", *SMALL[:-1],

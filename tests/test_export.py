@@ -120,3 +120,21 @@ def test_int8_calibrates_on_the_training_split_of_a_folder(synthetic_root):
     images, train, held_out = _calibration_and_split(dm)
     assert images == train and len(images) == 7  # 12 less 3 test and 2 validation images
     assert not set(images) & held_out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_bank_larger_than_h_times_w_exports_and_matches_pytorch(
+    coreset_checkpoint, tmp_path, fmt
+):
+    pytest.importorskip("onnxruntime" if fmt == "onnx" else "openvino")
+    model = CFALitModule.from_checkpoint(coreset_checkpoint).model
+    assert model.bank.construction == "coreset" and model.bank.n_centres > 16 * 20  # h * w
+    reference = ExportableCFA(model).eval()
+    path = export(coreset_checkpoint, fmt, tmp_path)
+    run = load_runtime("onnxruntime" if fmt == "onnx" else "openvino", path)
+    for x in _inputs():
+        with torch.no_grad():
+            ref = reference(x)
+        _assert_close(ref, [torch.from_numpy(np.asarray(a)) for a in run(x.numpy())])
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["bank"] == "coreset" and meta["bank_centres"] == model.bank.n_centres

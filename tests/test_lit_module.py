@@ -360,3 +360,22 @@ def test_taps_kept_in_validation_never_enter_a_training_step():
 def test_a_bad_tap_cache_budget_is_refused_naming_the_option(value):
     with pytest.raises(ValueError, match="model.tap_cache_mb"):
         CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=value)
+
+
+def test_a_bank_size_beyond_the_data_stops_before_the_build_naming_the_largest_value():
+    module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "coreset",
+                                                               "size": 10_000})  # fmt: skip
+    images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]  # 3 x 320 patches
+    with pytest.raises(ValueError, match=r"model.bank.size=10000.*largest valid size is 960"):
+        module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
+    assert not bool(module.model.bank.fitted)
+
+
+def test_a_bank_that_would_not_fit_stops_before_the_build(monkeypatch):
+    from cfa_lightning.models import lit_module
+
+    module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "kmeans"})
+    monkeypatch.setattr(lit_module, "available_memory_bytes", lambda: 1000)
+    images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]
+    with pytest.raises(MemoryError, match=r"kmeans bank needs about .* GiB.*max_patches"):
+        module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))

@@ -138,14 +138,18 @@ def test_a_fraction_bank_restores_its_own_row_count():
     assert fresh.n_centres == 60 and torch.equal(fresh.centres, bank.centres)
 
 
+def test_a_size_given_to_the_positional_bank_is_ignored_with_a_warning(caplog):
+    bank = MemoryBank(3, 4, 5, construction="positional", size=100)
+    assert bank.n_centres == 20
+    assert "model.bank.size=100 is ignored by model/bank=positional" in caplog.text
+
+
 def test_bad_bank_options_name_the_option_and_the_largest_valid_value():
     with pytest.raises(ValueError, match=r"model/bank='nearest'.*positional, kmeans, coreset"):
         MemoryBank(3, 4, 5, construction="nearest")
     for bad in (0.0, 1.5, -2):
         with pytest.raises(ValueError, match="model.bank.size"):
             MemoryBank(3, 4, 5, construction="coreset", size=bad)
-    with pytest.raises(ValueError, match="model.bank.size.*positional"):
-        MemoryBank(3, 4, 5, construction="positional", size=100)
     with pytest.raises(ValueError, match="gamma_c.*model.bank.size"):
         MemoryBank(3, 4, 5, construction="kmeans", gamma_c=2)
     bank = MemoryBank(3, 4, 5, construction="coreset", size=500, max_patches=100)

@@ -70,6 +70,12 @@ def job_name(default: str) -> str:
     return Path(hydra_cfg.runtime.output_dir).name
 
 
+def folder_name(text: str) -> str:
+    """``text`` as one folder name: a swept config group (``model/bank=coreset``) keeps its
+    value, and its slash becomes a dot instead of a subfolder."""
+    return str(text).replace("/", ".")
+
+
 def tasks_per_node(devices) -> int:
     """SLURM tasks per node for Lightning's SLURM environment: one DDP rank per device."""
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
@@ -102,6 +108,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cfa_job_name"):
         OmegaConf.register_new_resolver("cfa_job_name", job_name)
     for name, resolver in (("cfa_trained_size", trained_size),
+                           ("cfa_folder_name", folder_name),
                            ("cfa_tasks_per_node", tasks_per_node),
                            ("cfa_gpus_per_node", gpus_per_node),
                            ("cfa_ray_gpus_per_job", ray_gpus_per_job)):  # fmt: skip

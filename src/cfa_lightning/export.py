@@ -103,6 +103,8 @@ def metadata(model: CFA, hparams: dict, data: dict, fmt: str) -> dict:
         "taps": list(model.backbone.out_indices),
         "gamma_c": hparams.get("gamma_c"),
         "gamma_d": hparams.get("gamma_d"),
+        "bank": model.bank.construction,
+        "bank_centres": model.bank.n_centres,
         "K": model.K,
         "blur_sigma": model.blur_sigma,
         "package_version": __version__,

@@ -3,7 +3,7 @@
 A subclass says where the samples are (:meth:`AnomalyDataModule.scan`: train, val, test);
 this base verifies the files, builds the datasets, the optional synthetic-anomaly validation
 split and the loaders. Validation images come from the training images (or a validation
-folder), never from the test set (see the evaluation protocol in ``cfa_spec.md``).
+folder), never from the test set (see "Evaluation protocol" in ``docs/method.md``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Images leave this module as float32 tensors in [0, 1] and are *not* normalised:
 the model normalises with its backbone's own mean/std. Masks leave it as
 float32 tensors with values {0, 1} (binarised as value > 127 after a
-nearest-neighbour resize, as in the evaluation protocol of ``cfa_spec.md``).
+nearest-neighbour resize, as in "Evaluation protocol" of ``docs/method.md``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Image- and pixel-level anomaly metrics of ``cfa_spec.md`` section 5, in one object.
+"""Image- and pixel-level anomaly metrics of ``docs/method.md`` ("Evaluation protocol"), in one
+object.
 
 AUROC and the precision-recall curve come from torchmetrics (exact curves,
 ``thresholds=None``); AUPRO from :mod:`cfa_lightning.metrics.aupro`. F1 is the

@@ -1,6 +1,7 @@
 """AUPRO: area under the per-region-overlap curve, MVTec AD's localisation metric.
 
-Definition (Bergmann et al., MVTec AD, IJCV 2021), as in ``cfa_spec.md`` section 5:
+Definition (Bergmann et al., MVTec AD, IJCV 2021), as in the "Evaluation
+protocol" of ``docs/method.md``:
 
 - the ground truth of every image is split into connected regions with
   8-connectivity (``scipy.ndimage.label`` with a 3 x 3 block of ones, as in
@@ -57,7 +58,7 @@ def as_bool_mask(masks: Tensor) -> Tensor:
     if masks.numel() and not ((masks == 0) | (masks == 1)).all():
         raise ValueError(
             "ground-truth masks must be bool or hold only 0 and 1; binarise them first "
-            "(cfa_spec.md section 5: value > 127 after nearest-neighbour resizing)"
+            "(docs/method.md, Evaluation protocol: value > 127 after nearest-neighbour resizing)"
         )
     return masks != 0
 

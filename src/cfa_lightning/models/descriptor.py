@@ -1,4 +1,5 @@
-"""Patch descriptor phi: pooled, resized, concatenated taps + CoordConv 1x1 (spec section 1)."""
+"""Patch descriptor phi: pooled, resized, concatenated taps + CoordConv 1x1 (docs/method.md,
+section 1)."""
 
 from __future__ import annotations
 

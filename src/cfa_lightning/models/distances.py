@@ -1,4 +1,5 @@
-"""Squared distances d(p, c) = ||p - c||^2 from patches to the memory bank (spec sections 3-4).
+"""Squared distances d(p, c) = ||p - c||^2 from patches to the memory bank
+(docs/method.md, section 3).
 
 `nearest` finds each patch's k nearest centres in one dense pass per block of patches:
 1. rank: the expanded form ||x||^2 + ||y||^2 - 2 x.y on vectors centred on the bank mean

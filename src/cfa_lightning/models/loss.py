@@ -1,4 +1,5 @@
-"""CFA loss: attract the K nearest centres into radius r, repel the next J (spec section 3)."""
+"""CFA loss: attract the K nearest centres into radius r, repel the next J (docs/method.md,
+section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""From the K nearest squared distances to patch scores, anomaly maps and image scores (spec 4).
+"""From the K nearest squared distances to patch scores, anomaly maps and image scores
+(docs/method.md, section 5).
 
 Everything here runs in float32 with autocast off, whatever the training precision: a bf16 map
 of scores around 100 has steps of 0.5, so its maximum (the image score), its AUROC, AUPRO, F1
@@ -27,7 +28,7 @@ def patch_scores(nearest_sq: Tensor) -> Tensor:
 
 
 def gaussian_sigma_kernel(sigma: float) -> int:
-    """Odd kernel size covering +-4 sigma (sigma 4 -> 33, as in the spec)."""
+    """Odd kernel size covering +-4 sigma (sigma 4 -> 33, as in docs/method.md, section 5)."""
     return 2 * math.ceil(4 * sigma) + 1
 
 

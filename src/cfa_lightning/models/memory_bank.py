@@ -102,10 +102,11 @@ def bank_size(
     if gamma_c < 1:
         raise ValueError(f"model.gamma_c must be >= 1, got {gamma_c}")
     if construction == "positional":
-        if size is not None:
-            raise ValueError(
-                f"model.bank.size={size!r} does not apply to model/bank=positional, whose size is "
-                "(h * w) // model.gamma_c; choose model/bank=kmeans or coreset to set a size"
+        if size is not None:  # a sweep over constructions and sizes passes it to every job
+            log.warning(
+                "model.bank.size=%s is ignored by model/bank=positional, whose size is "
+                "(h * w) // model.gamma_c",
+                size,
             )
         m = (height * width) // gamma_c
         if m < 1:
