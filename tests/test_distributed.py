@@ -145,6 +145,7 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
     assert torch.allclose(ranks[0]["centres"], single.model.bank.centres, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bank",
     [
