@@ -33,7 +33,9 @@ from cfa_lightning.utils import METRICS_FILE, job_results  # noqa: E402
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1", "pixel_F1")
 SETTING_KEYS = (
     "backbone",
+    "taps",
     "resolution",
+    "bank",
     "epochs",
     "selection",
     "gamma_c",
@@ -79,6 +81,8 @@ def load_runs(roots: Iterable[Path]) -> list[dict[str, Any]]:
                 "epochs": result.get("max_epochs", result.get("epochs")),  # the cap
                 "selection": selection_rule(result.get("selection")),
                 "epoch_tested": tested_epoch(result),
+                "taps": str(result.get("taps") or ""),
+                "bank": bank_label(result.get("bank")),
                 "gamma_c": result.get("gamma_c"),
                 "gamma_d": result.get("gamma_d"),
                 "radius_init": result.get("radius_init"),
@@ -88,6 +92,18 @@ def load_runs(roots: Iterable[Path]) -> list[dict[str, Any]]:
                 run[name] = result["metrics"].get(f"test/{name}")
             runs.append(run)
     return runs
+
+
+def bank_label(bank: Any) -> str:
+    """The bank construction and its size setting, e.g. "coreset 0.1" ("positional" when the
+    job predates the bank group)."""
+    if not isinstance(bank, dict):
+        return "positional"
+    construction = bank.get("construction", "positional")
+    size = bank.get("size")
+    return (
+        construction if construction == "positional" or size is None else f"{construction} {size}"
+    )
 
 
 def selection_rule(selection: Any) -> str:
@@ -187,6 +203,10 @@ def table(label: str, rows: dict[str, dict[str, Any]], bold: Sequence[str] = ())
     return lines
 
 
+def taps_note(taps: str) -> str:
+    return f" (taps {taps})" if taps else ""
+
+
 def markdown(runs: list[dict[str, Any]], summary: dict, reference: bool = False) -> str:
     lines: list[str] = []
     for setting, block in summary.items():
@@ -194,7 +214,8 @@ def markdown(runs: list[dict[str, Any]], summary: dict, reference: bool = False)
         n = len(block["categories"])
         mean_name = f"mean ({n} categories)" if n != 1 else "mean (1 category)"
         lines += [
-            f"**{info['backbone']}**, {info['resolution']}, at most {info['epochs']} epochs, "
+            f"**{info['backbone']}**{taps_note(info['taps'])}, {info['resolution']}, bank "
+            f"{info['bank']}, at most {info['epochs']} epochs, "
             f"seeds {', '.join(map(str, block['seeds']))}, tested: {info['selection']} (no "
             f"selection on the test set); gamma_c = {info['gamma_c']}, gamma_d = {info['gamma_d']}, "
             f"initial r = {info['radius_init']}. Values in %, mean ± std over seeds.",

@@ -89,6 +89,7 @@ def job_info(cfg: DictConfig) -> dict[str, Any]:
     info: dict[str, Any] = {
         "seed": cfg.seed,
         "backbone": cfg.backbone.name,
+        "taps": plain(cfg.backbone.get("out_indices")),
         "category": cfg.data.category,
         "image_size": plain(cfg.data.image_size),
         "crop_size": plain(cfg.data.crop_size),
