@@ -2,7 +2,7 @@
 
 For each backbone and precision: one batch of random images, one backbone (random weights,
 `pretrained: false`: speed does not depend on them, and nothing is downloaded) and one model per
-memory bank on that shared backbone: today's bank (positional, h * w centres) and, with `--bank`,
+memory bank on that shared backbone: the default bank (positional, h * w centres) and, with `--bank`,
 a kmeans or coreset bank of `--bank-size` centres beside it. Every bank is built by the real
 MemoryBank code from `--bank-images` random images (not the timed batch); that build (update and
 finalize, not describing the images) is timed on its own and kept out of the steps' timings.

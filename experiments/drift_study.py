@@ -1,4 +1,4 @@
-"""Per-epoch validation and development-test curves of one CFA training (issue 17 drift study).
+"""Per-epoch validation and development-test curves of one CFA training (the drift study).
 
 One run trains with the project's own config (lite0 real weights, ``data=shared``, 256 px,
 synthetic validation anomalies on a 10% split of train/good) for ``--epochs`` epochs and writes
@@ -15,7 +15,7 @@ used by the training itself, and no epoch of a reported model is chosen from the
     python experiments/drift_study.py --category magnetic_tile --seed 0 --test-every 4 \
         --epochs 15
 
-Variants: ``base`` (today's training: AdamW lr 1e-3, constant), ``cosine``
+Variants: ``base`` (the default training: AdamW lr 1e-3, constant), ``cosine``
 (``model.lr_schedule=cosine``), ``lr1e-4`` (``model.lr=1e-4``), ``ema`` (Lightning's
 ``EMAWeightAveraging`` of phi, half-life ``--ema-epochs`` epochs; validation and test see the
 average), ``refit`` (all of train/good, no validation: the test curve of the refit model).

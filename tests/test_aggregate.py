@@ -46,7 +46,9 @@ def test_table_has_category_rows_mean_row_and_protocol(sweep, tmp_path):
     summary = aggregate.summarise(runs)
     text = aggregate.markdown(runs, summary, reference=True)
     assert len(summary) == 2  # resize 256 and resize 256 + crop 224
-    assert "resize 256, bank positional, at most 30 epochs, seeds 0, 1, 2, tested: last epoch" in text
+    assert (
+        "resize 256, bank positional, at most 30 epochs, seeds 0, 1, 2, tested: last epoch" in text
+    )
     assert "resize 256 + crop 224" in text
     bottle = statistics.fmean([0.90, 0.92, 0.94]), statistics.stdev([0.90, 0.92, 0.94])
     assert f"| bottle | {100 * bottle[0]:.1f} ± {100 * bottle[1]:.1f} |" in text

@@ -123,7 +123,7 @@ def test_checkpoints_of_a_hydra_built_run_load_with_weights_only(synthetic_root,
     assert resumed.trainer.current_epoch == 2
 
 
-def test_a_checkpoint_from_before_the_lean_search_loads_and_scores_identically(
+def test_a_checkpoint_with_retired_search_buffers_loads_and_scores_identically(
     trained_checkpoint, tmp_path, caplog
 ):
     """Older checkpoints hold the pruned search's buffers and options: they load, strictly,

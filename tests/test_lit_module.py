@@ -260,16 +260,16 @@ class _Outputs(pl.Callback):
 
 
 def test_bf16_mixed_scores_maps_and_metrics_in_float32(tmp_path, datamodule, monkeypatch):
-    """Issue 16: under bf16-mixed, validation, test and predict maps are float32, keep as many
+    """Under bf16-mixed, validation, test and predict maps are float32, keep as many
     distinct values as in fp32, and the test metrics are those of the same model in fp32.
 
     Tolerance 1e-3 on the metrics: bf16 autocast still runs the backbone and the descriptor
     (phi's output carries ~2^-9 relative rounding), so pixel scores move slightly, and the
     rank-based metrics move where that swaps a normal and an anomalous pixel: measured 3e-5
     here (pixel AUROC 0.98335 vs 0.98336, AUPRO 0.94243 vs 0.94246), so 1e-3 leaves room for
-    other seeds and torch versions. On this small set bf16 maps (the bug: 388 distinct values
-    instead of 61,247) moved these metrics by as little; the dtype and distinct-value checks
-    are the ones that catch it."""
+    other seeds and torch versions. On this small set, maps computed in bf16 (388 distinct
+    values instead of 61,247) move these metrics by as little; the dtype and distinct-value
+    checks are the ones that catch them."""
     pl.seed_everything(0)
     module = CFALitModule(BACKBONE, input_size=[64, 80])
     _trainer(tmp_path).fit(module, datamodule=datamodule)  # a trained model, in fp32

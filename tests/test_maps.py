@@ -58,7 +58,7 @@ def test_blur_matches_torchvision_gaussian_blur():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_maps_are_float32_under_autocast(dtype):
-    """Issue 16: a bf16 map of scores around 100-130 had 33 distinct values (123,386 in fp32)."""
+    """A bf16 map of scores around 100-130 has 33 distinct values (123,386 in fp32)."""
     torch.manual_seed(0)
     e = torch.rand(2 * 64 * 64, 3).sort(dim=1).values * 30 + 100  # distances e_1 <= e_2 <= e_3
     nearest_sq = e.square()

@@ -63,8 +63,8 @@ def test_empty_bank_and_bad_shapes_fail_clearly():
 
 
 def test_checkpoint_with_the_pruned_search_buffers_loads():
-    """Banks saved before the lean search carry centre_mean, basis, basis_norm, search_dims,
-    group_of (and, from older code, _sum/_count): they are dropped on load, strictly."""
+    """Older banks carry the retired search's centre_mean, basis, basis_norm, search_dims,
+    group_of (and some _sum/_count): they are dropped on load, strictly."""
     bank = MemoryBank(dim=4, height=2, width=3)
     bank.update(torch.randn(2, 4, 2, 3))
     bank.finalize()

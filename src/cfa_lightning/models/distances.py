@@ -10,8 +10,7 @@
 3. recompute their distances as direct differences ||p - c||^2, whose float32 error is
    relative to d itself, and keep the k smallest. This runs on sub-blocks of DIRECT_ROWS rows,
    one candidate column at a time, so its temporaries stay in cache, and the norm kernel reads
-   each difference once: on the 2-core CPU it took 0.085 s for 8192 wide_resnet50_2 patches and
-   7 candidates, against 0.66 s as sub / square / sum over whole blocks.
+   each difference once (measured in experiments/results/speed.md).
 The answer does not depend on how torch's matmul is configured (TF32, bf16 passes): reduced
 precision can only reorder near-ties inside the margin, and the returned distances never come
 from the matrix product. Training, validation, test, predict and exported graphs all run this.

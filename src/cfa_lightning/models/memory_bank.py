@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .distances import SearchIndex, build_index
 
 log = logging.getLogger(__name__)
-# Buffers of the pruned search, removed: checkpoints written before still carry them.
+# Buffers of the retired pruned search, which older checkpoints still carry; dropped on load.
 RETIRED_BUFFERS = (
     "centre_mean",
     "basis",
@@ -306,7 +306,7 @@ class MemoryBank(nn.Module):
         self.fitted.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from before the lean search carry the pruned search's buffers: drop them.
+        # Older checkpoints carry the retired search's buffers: drop them, so loading stays strict.
         retired = [prefix + name for name in RETIRED_BUFFERS if prefix + name in state_dict]
         for key in retired:
             del state_dict[key]
