@@ -51,7 +51,7 @@ def test_eval_config_composes(hydra_ctx):
 
 
 def test_auto_size_with_a_crop_is_the_crop(hydra_ctx):
-    cfg = compose("train", overrides=["data.crop_size=224"])
+    cfg = compose("train", overrides=["data.image_size=auto", "data.crop_size=224"])
     assert cfg.data.image_size == "auto"
     assert OmegaConf.to_container(cfg.model, resolve=True)["input_size"] == [224, 224]
 

@@ -30,7 +30,10 @@ def test_sweep_composes_and_names_its_folder(hydra_ctx, sweep):
     if sweep.startswith("tune"):
         assert subdir == "${hydra.job.num}_trial"
     else:
-        assert subdir == "${hydra.job.num}_${hydra.job.override_dirname}_seed${seed}"
+        assert (
+            subdir
+            == "${hydra.job.num}_${cfa_folder_name:${hydra.job.override_dirname}}_seed${seed}"
+        )
     assert {"sweep", "seed", "logger", "data.root"} <= set(
         cfg.hydra.job.config.override_dirname.exclude_keys
     )
