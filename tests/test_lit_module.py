@@ -338,7 +338,7 @@ def test_a_fit_runs_the_backbone_once_per_image_and_trains_the_same(tmp_path, sy
 def test_taps_kept_in_validation_never_enter_a_training_step():
     """An image seen first by validation (inference mode) is recomputed for training, whose
     autograd cannot take inference tensors; past the budget nothing is kept."""
-    from cfa_lightning.models.lit_module import TapCache
+    from cfa_lightning.models.tap_cache import TapCache
 
     backbone = CFALitModule(BACKBONE, input_size=[64, 80]).model.backbone
     images, paths = torch.rand(2, 3, 64, 80), ["a.png", "b.png"]
@@ -372,10 +372,10 @@ def test_a_bank_size_beyond_the_data_stops_before_the_build_naming_the_largest_v
 
 
 def test_a_bank_that_would_not_fit_stops_before_the_build(monkeypatch):
-    from cfa_lightning.models import lit_module
+    from cfa_lightning.models import memory_bank
 
     module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "kmeans"})
-    monkeypatch.setattr(lit_module, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(memory_bank, "available_memory_bytes", lambda: 1000)
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]
     with pytest.raises(MemoryError, match=r"kmeans bank needs about .* GiB.*max_patches"):
         module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))

@@ -11,15 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cfa_lightning.data import MVTecDataModule, MVTecDataset, scan_mvtec_category
-from cfa_lightning.data.mvtec import (
-    MIN_IMAGE_SIDE,
-    MVTEC_CATEGORIES,
-    MVTEC_COUNTS,
-    MVTEC_URL,
-    count_samples,
-)
+from cfa_lightning.data import AnomalyDataset, MVTecDataModule, scan_mvtec_category
+from cfa_lightning.data.layout import MVTEC_CATEGORIES, MVTEC_COUNTS, MVTEC_URL, count_samples
 from cfa_lightning.data.synthetic import generate_synthetic_dataset
+from cfa_lightning.images import MIN_IMAGE_SIDE
 
 SIZE = (48, 64)  # (H, W), non-square on purpose
 N_TRAIN, N_GOOD, N_DEFECT = 10, 3, 2  # N_DEFECT per defect type (scratch, spot)
@@ -131,7 +126,7 @@ def test_mask_size_mismatch_is_checked_lazily(copy_root):
     Image.new("L", (SIZE[1] + 1, SIZE[0]), 0).save(mask_path)
     samples = scan_mvtec_category(copy_root, "synthetic")["test"]  # scan does not open images
     index = next(i for i, s in enumerate(samples) if s.mask_path == mask_path)
-    dataset = MVTecDataset(samples)
+    dataset = AnomalyDataset(samples)
     with pytest.raises(ValueError, match="must match") as info:
         dataset[index]
     assert str(mask_path) in str(info.value) and "test/scratch/000.png" in str(info.value)
@@ -140,7 +135,7 @@ def test_mask_size_mismatch_is_checked_lazily(copy_root):
 def test_corrupt_image_error_names_the_file(copy_root):
     bad = copy_root / "synthetic/train/good/003.png"
     bad.write_bytes(bad.read_bytes()[:60])
-    dataset = MVTecDataset(scan_mvtec_category(copy_root, "synthetic")["train"])
+    dataset = AnomalyDataset(scan_mvtec_category(copy_root, "synthetic")["train"])
     with pytest.raises(ValueError, match="003.png"):
         dataset[3]
 
@@ -150,7 +145,7 @@ def test_corrupt_image_error_names_the_file(copy_root):
 
 def test_dataset_items(synthetic_root):
     samples = scan_mvtec_category(synthetic_root, "synthetic")["test"]
-    dataset = MVTecDataset(samples)  # default transform: 256 x 256
+    dataset = AnomalyDataset(samples)  # default transform: 256 x 256
     good = dataset[0]
     assert set(good) == {"image", "mask", "label", "image_path", "defect_type"}
     assert good["image"].shape == (3, 256, 256) and good["image"].dtype == torch.float32
@@ -270,7 +265,7 @@ def test_real_data_counts_and_one_item():
         "good": 191, "blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103,
     }  # fmt: skip
 
-    item = MVTecDataset(tiles["test"])[-1]  # an `uneven` image (grayscale, odd size)
+    item = AnomalyDataset(tiles["test"])[-1]  # an `uneven` image (grayscale, odd size)
     assert item["image"].shape == (3, 256, 256) and item["mask"].shape == (1, 256, 256)
     assert item["label"].item() == 1 and item["defect_type"] == "uneven"
     assert np.isfinite(item["image"].numpy()).all()
@@ -438,12 +433,12 @@ def test_cached_dataset_decodes_each_image_once(tmp_path):
     root = tmp_path / "d"
     generate_synthetic_dataset(root, n_train=3, n_test_good=1, n_test_defect=1, image_size=(40, 40))
     samples = scan_mvtec_category(root, "synthetic")["train"]
-    cached = MVTecDataset(samples, ImageMaskTransform(32), cache=True)
+    cached = AnomalyDataset(samples, ImageMaskTransform(32), cache=True)
     first = cached[0]["image"].clone()
     samples[0].path.unlink()  # a second read from disk would now fail
     assert torch.equal(cached[0]["image"], first)
     with pytest.raises(FileNotFoundError):
-        MVTecDataset(samples, ImageMaskTransform(32))[0]
+        AnomalyDataset(samples, ImageMaskTransform(32))[0]
 
 
 def _mixed_shapes(root: Path, shapes: list[tuple[int, int]]) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfa_lightning.data.mvtec import scan_mvtec_category
+from cfa_lightning.data.layout import scan_mvtec_category
 from cfa_lightning.data.synthetic import DEFECT_TYPES, generate_synthetic_dataset, main
 
 SMALL = {"n_train": 4, "n_test_good": 2, "n_test_defect": 3, "image_size": (96, 128)}

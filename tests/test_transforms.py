@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cfa_lightning.data.transforms import ImageMaskTransform, load_mask, load_rgb
+from cfa_lightning.data.transforms import ImageMaskTransform
+from cfa_lightning.images import load_mask, load_rgb
 
 
 def _save(array_or_image, path, **kwargs):

@@ -13,7 +13,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,31 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
     return ckpt
+
+
+# Options of the removed pruned search (and the naive-loss switch), still in older checkpoints.
+RETIRED_HPARAMS = {"search_dims", "search_groups", "prune", "naive_loss"}
+
+
+def rebuild_module(cls: type, ckpt: Mapping[str, Any], path: str | Path) -> Any:
+    """A LightningModule of class ``cls`` from a loaded checkpoint: its saved hyper-parameters,
+    then its weights (the backbone's included, so no hub download)."""
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, Mapping) or "backbone" not in hparams:
+        raise CheckpointError(
+            f"{path} is not a cfa-lightning checkpoint (no CFA hyper-parameters in it)"
+        )
+    backbone = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}
+    kept = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}
+    module = cls(**{**kept, "backbone": backbone})
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"{path} does not match the model its own hyper-parameters describe: {reason}"
+        ) from None
+    return module
 
 
 def exits_on_checkpoint_error(main: Callable[..., Any]) -> Callable[..., Any]:

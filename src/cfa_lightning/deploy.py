@@ -35,8 +35,7 @@ RUNTIMES = ("onnxruntime", "openvino")
 MODEL_FILES = {"onnxruntime": ("model.onnx",), "openvino": ("model.xml", "model.onnx")}
 EXTRAS = {"onnxruntime": "deploy", "openvino": "openvino"}
 # OpenVINO's CPU plugin runs float32 models in bf16 on CPUs with native bf16 (AVX512-BF16, AMX):
-# maps with steps of 2^-8 of their value, and scores 0.4% off PyTorch's (measured on an AMD
-# Zen 5). Exports are float32 (or INT8 where NNCF put it): run them as saved.
+# maps with steps of 2^-8 of their value, and scores 0.4% off PyTorch's. Exports are float32 (or INT8 where NNCF put it): run them as saved.
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 ImageLike = Image.Image | np.ndarray | str | Path

@@ -84,12 +84,17 @@ class PaddingFilter:
             return None
         return self.indices[start : start + batch_size]
 
+    def count(self, batch_size: int) -> int:
+        """How many samples of the next batch are real (they come first)."""
+        keep = self.keep(batch_size)
+        return batch_size if keep is None else len(keep)
 
-def current_eval_loader(trainer: Any, dataloader_idx: int = 0) -> DataLoader | None:
-    """The test loader the trainer is running (Lightning keeps one or a list)."""
-    loaders = getattr(trainer, "test_dataloaders", None)
+
+def current_eval_loader(trainer: Any, stage: str = "test", index: int = 0) -> DataLoader | None:
+    """The ``stage`` ("val" or "test") loader the trainer is running (one or a list)."""
+    loaders = getattr(trainer, f"{stage}_dataloaders", None)
     if isinstance(loaders, (list, tuple)):
-        return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+        return loaders[index] if index < len(loaders) else None
     return loaders
 
 
@@ -117,3 +122,16 @@ def all_gather_rows(rows: Tensor) -> Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     torch.distributed.all_gather(gathered, padded)
     return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)])
+
+
+def reduce_bank_statistics(stats: Tensor, count: Tensor, pooled: bool) -> tuple[Tensor, Tensor]:
+    """A memory bank's build statistics over all ranks: image counts summed; the pools of
+    kmeans and coreset gathered in rank order, the positional sums summed (in place)."""
+    world, _ = world_and_rank()
+    if world == 1:
+        return stats, count
+    torch.distributed.all_reduce(count)
+    if pooled:
+        return all_gather_rows(stats), count
+    torch.distributed.all_reduce(stats)
+    return stats, count

@@ -1,6 +1,6 @@
 """Reading images without torch: any file or array PIL can decode becomes 8-bit RGB, masks 8-bit L.
 
-The one place of these rules: training (data/transforms.py re-exports them), `Predictor` and the
+The one place of these rules: training (data/), `Predictor` and the
 torch-free deploy path (deploy.py) all read images here, so an image is the same pixels in each.
 """
 

@@ -18,6 +18,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
+from .checkpoint import load_checkpoint
+from .models.untrained_epoch import UntrainedEpoch
+
 __all__ = [
     "MODEL_SELECTION",
     "SelectionCheck",
@@ -25,6 +28,7 @@ __all__ = [
     "check_selection",
     "find_callback",
     "require_sweeper_plugin",
+    "selection_record",
     "selects",
     "sweeper_target",
 ]
@@ -197,3 +201,37 @@ class SelectionCheck(pl.Callback):
             for epoch, metrics in sorted(self.history.items())
             if self.monitor in metrics and math.isfinite(metrics[self.monitor])
         ]
+
+
+def selection_record(
+    trainer: pl.Trainer, rule: str, metric: str, mode: str, untrained: UntrainedEpoch
+) -> tuple[dict[str, Any], dict[str, float], str | None]:
+    """What a finished fit chose: metrics.json's ``selection`` record, the chosen epoch's
+    validation scalars, and the checkpoint to test ("best"; None: the weights in memory, i.e.
+    the last epoch). Epochs count trained epochs."""
+    stopped = untrained.trained(trainer.current_epoch - 1)  # the last epoch run
+    val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    selection: dict[str, Any] = {"rule": rule, "epoch": stopped, "stopped_epoch": stopped}
+    checker = find_callback(trainer.callbacks, SelectionCheck)
+    test_ckpt = None
+    if rule == "best_val":
+        checkpoint = find_callback(trainer.callbacks, ModelCheckpoint)
+        stopper = find_callback(trainer.callbacks, EarlyStopping)
+        if not checkpoint.best_model_path:
+            raise RuntimeError(
+                f"model_selection=best_val: no epoch had a finite {metric} on validation, so "
+                "there is no best checkpoint; see the validation logs"
+            )
+        best = load_checkpoint(checkpoint.best_model_path)["epoch"]  # Lightning's index
+        best_score = float(checkpoint.best_model_score)
+        val_metrics = checker.metrics_at(best) if checker else {metric: best_score}
+        selection.update(
+            metric=metric, mode=mode, epoch=untrained.trained(best), value=best_score,
+            checkpoint=str(checkpoint.best_model_path),
+            early_stopped=bool(stopper is not None and stopper.stopped_epoch > 0),
+            patience=stopper.patience if stopper is not None else None,
+        )  # fmt: skip
+        test_ckpt = "best"  # the epoch chosen on validation; the test set is used once
+    if checker is not None:
+        selection["val_curve"] = [[untrained.trained(e), v] for e, v in checker.curve()]
+    return selection, val_metrics, test_ckpt

@@ -26,14 +26,15 @@ from pytorch_lightning.utilities import rank_zero_only
 from .checkpoint import exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR, is_multirun
 from .models.backbone import WeightsUnavailable
+from .models.untrained_epoch import UntrainedEpoch
 from .precision import check_precision
 from .selection import (
     SelectionCheck,
     check_objective,
     check_selection,
     check_selection_callbacks,
-    find_callback,
     require_sweeper_plugin,
+    selection_record,
     selects,
     sweeper_target,
 )
@@ -58,18 +59,25 @@ def tests_after_fit(cfg: DictConfig) -> bool:
     return bool(value)
 
 
-def _resumed_checkpoint_dir(ckpt: dict[str, Any]) -> str | None:
-    """The checkpoint folder of the fit a checkpoint was saved by (to continue in it)."""
-    for key, state in (ckpt.get("callbacks") or {}).items():
+def continue_in_resumed_folder(resumed: dict[str, Any], callbacks: list) -> None:
+    """Resuming: checkpoints go on in the interrupted fit's folder. ModelCheckpoint then restores
+    its best score and path (from another folder it would forget the score, and keep a worse
+    epoch as the best), and last.ckpt goes on beside it."""
+    for key, state in (resumed.get("callbacks") or {}).items():
         if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("dirpath"):
-            return str(state["dirpath"])
-    return None
+            folder = str(state["dirpath"])
+            if Path(folder).is_dir():
+                for saver in callbacks:
+                    if isinstance(saver, ModelCheckpoint):
+                        saver.dirpath = folder
+                log.info("resuming: checkpoints continue in %s", folder)
+            return
 
 
-def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list, epoch0: bool, **kw):
-    max_epochs = cfg.trainer.get("max_epochs")
-    if epoch0 and max_epochs is not None and max_epochs >= 0:
-        kw.setdefault("max_epochs", max_epochs + 1)  # + the untrained epoch 0
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, untrained: UntrainedEpoch,
+                  **kw) -> pl.Trainer:  # fmt: skip
+    """The configured Trainer; ``trainer.max_epochs`` counts trained epochs."""
+    kw.setdefault("max_epochs", untrained.lightning_max_epochs(cfg.trainer.get("max_epochs")))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kw)
 
 
@@ -100,121 +108,87 @@ def refit(
         for c in instantiate_dict(cfg.get("callbacks"))
         if not isinstance(c, SelectionCheck | EarlyStopping | ModelCheckpoint)
     ]  # progress bar and test media
-    trainer = _build_trainer(cfg, others, [], False, max_epochs=epochs, limit_val_batches=0,
-                             enable_checkpointing=False)  # fmt: skip
+    trainer = build_trainer(cfg, others, [], model.untrained, max_epochs=epochs,
+                            limit_val_batches=0, enable_checkpointing=False)  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, weights_only=True)
     fit_time = time.perf_counter() - start
     trainer.save_checkpoint(output_dir() / "checkpoints" / "refit.ckpt")
     if test:  # a fresh trainer: the test metrics go to the run's loggers
-        tester = _build_trainer(cfg, others, loggers, False)
+        tester = build_trainer(cfg, others, loggers, model.untrained)
         tester.test(model, datamodule=datamodule)
     return model, fit_time
 
 
+def write_record(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any,
+                 metrics: dict[str, float], selection: dict[str, Any],
+                 val_metrics: dict[str, float], tested: bool,
+                 timings: dict[str, float | None]) -> None:  # fmt: skip
+    """metrics.json (the test metrics and how they were obtained), the table and one log line."""
+    path = write_metrics(
+        output_dir() / "metrics.json",
+        metrics,
+        **job_info(cfg),
+        status="ok",
+        protocol=cfg.get("protocol"),
+        input_size=plain(cfg.model.input_size),
+        auto_size=datamodule.auto_size,  # how data.image_size=auto chose it, or None
+        epochs=selection["stopped_epoch"],
+        selection=selection,
+        val_metrics=val_metrics,
+        tested=tested,
+        refit=timings["refit_time_s"] is not None,
+        **timings,
+        world_size=trainer.world_size,
+        radius_final=float(model.model.loss_fn.radius.detach()),
+        bank_centres=model.model.bank.n_centres,
+        bank_build_s=round(getattr(model, "bank_build_s", math.nan), 2),
+    )
+    if metrics:
+        title = f"CFA test metrics ({cfg.data.category}, {cfg.backbone.name}, seed {cfg.seed})"
+        print(format_table(metrics, title))
+    log.info(
+        "epoch %s chosen (%s), training stopped at epoch %s; metrics written to %s",
+        selection["epoch"], selection["rule"], selection["stopped_epoch"], path,
+    )  # fmt: skip
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     check_precision(cfg.trainer)  # bf16 on a GPU without it: one line naming trainer.precision
-    resumed = None
-    if cfg.get("ckpt_path"):  # resume: a missing, truncated or unsafe file stops here, in one line
-        resumed = load_checkpoint(cfg.ckpt_path)
+    # resume: a missing, truncated or unsafe file stops here, in one line
+    resumed = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     rule = check_selection(cfg.get("model_selection", "best_val"))
     metric, mode = cfg.get("selection_metric", "val/pixel_AUPRO"), cfg.get("selection_mode", "max")
-    epoch0 = bool(cfg.get("validate_untrained", False))
-    trained = 0 if epoch0 else 1  # Lightning's epoch e is the model after e + trained epochs
     test = tests_after_fit(cfg)
     pl.seed_everything(cfg.seed, workers=True)  # phi's init, and so the bank, depend on the seed
     datamodule = instantiate(cfg.data)
     choose_image_size(cfg, datamodule)  # auto: from the training images, before the model
-    model = instantiate(cfg.model, untrained_epoch=epoch0)
+    model = instantiate(cfg.model, untrained_epoch=bool(cfg.get("validate_untrained", False)))
     loggers = instantiate_dict(cfg.get("logger"))
     with closing_loggers(loggers):
         callbacks = instantiate_dict(cfg.get("callbacks"))
-        checkpoint = None
         if rule == "best_val":
-            checkpoint = check_selection_callbacks(callbacks, metric, mode)
-        resumed_dir = _resumed_checkpoint_dir(resumed) if resumed else None
-        if resumed_dir and Path(resumed_dir).is_dir():
-            # Continue in the interrupted fit's folder: ModelCheckpoint then restores its best
-            # score and path (from another folder it would forget the score, and keep a worse
-            # epoch as the best), and last.ckpt goes on beside it.
-            for saver in callbacks:
-                if isinstance(saver, ModelCheckpoint):
-                    saver.dirpath = resumed_dir
-            log.info("resuming: checkpoints continue in %s", resumed_dir)
-        checker = find_callback(callbacks, SelectionCheck)
-        stopper = find_callback(callbacks, EarlyStopping)
-        trainer = _build_trainer(cfg, callbacks, loggers, epoch0)
+            check_selection_callbacks(callbacks, metric, mode)
+        if resumed is not None:
+            continue_in_resumed_folder(resumed, callbacks)
+        trainer = build_trainer(cfg, callbacks, loggers, model.untrained)
         for logger in loggers:
             logger.log_hyperparams(plain(cfg))
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-        train_time = time.perf_counter() - start
-        stopped = trainer.current_epoch - 1 + trained  # the last epoch run, in trained epochs
-        val_metrics = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
-        }  # of the last validated epoch
-        selection: dict[str, Any] = {"rule": rule, "epoch": stopped, "stopped_epoch": stopped}
-        test_ckpt = None  # None: the weights in memory (the last epoch)
-        if rule == "best_val":
-            if not checkpoint.best_model_path:
-                raise RuntimeError(
-                    f"model_selection=best_val: no epoch had a finite {metric} on validation, so "
-                    "there is no best checkpoint; see the validation logs"
-                )
-            best = load_checkpoint(checkpoint.best_model_path)["epoch"]  # Lightning's index
-            val_metrics = (
-                checker.metrics_at(best)
-                if checker
-                else {metric: float(checkpoint.best_model_score)}
-            )
-            selection.update(
-                metric=metric,
-                mode=mode,
-                epoch=best + trained,
-                value=float(checkpoint.best_model_score),
-                checkpoint=str(checkpoint.best_model_path),
-                early_stopped=bool(stopper is not None and stopper.stopped_epoch > 0),
-                patience=stopper.patience if stopper is not None else None,
-            )
-            test_ckpt = "best"  # the epoch chosen on validation; the test set is used once
-        if checker is not None:
-            selection["val_curve"] = [[e + trained, v] for e, v in checker.curve()]
-        refit_time = None
+        timings = {"train_time_s": round(time.perf_counter() - start, 2), "refit_time_s": None}
+        selection, val_metrics, test_ckpt = selection_record(
+            trainer, rule, metric, mode, model.untrained
+        )
         if cfg.get("refit", False):
             model, refit_time = refit(cfg, selection["epoch"], loggers, test)
+            timings["refit_time_s"] = round(refit_time, 2)
         elif test:
             trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
         metrics = dict(model.test_results) if test else {}
         if trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes
-            path = write_metrics(
-                output_dir() / "metrics.json",
-                metrics,
-                **job_info(cfg),
-                status="ok",
-                protocol=cfg.get("protocol"),
-                input_size=plain(cfg.model.input_size),
-                auto_size=datamodule.auto_size,  # how data.image_size=auto chose it, or None
-                epochs=stopped,
-                selection=selection,
-                val_metrics=val_metrics,
-                tested=test,
-                refit=refit_time is not None,
-                train_time_s=round(train_time, 2),
-                refit_time_s=None if refit_time is None else round(refit_time, 2),
-                world_size=trainer.world_size,
-                radius_final=float(model.model.loss_fn.radius.detach()),
-                bank_centres=model.model.bank.n_centres,
-                bank_build_s=round(getattr(model, "bank_build_s", math.nan), 2),
-            )
-            if metrics:
-                title = (
-                    f"CFA test metrics ({cfg.data.category}, {cfg.backbone.name}, seed {cfg.seed})"
-                )
-                print(format_table(metrics, title))
-            log.info(
-                "epoch %s chosen (%s), training stopped at epoch %s; metrics written to %s",
-                selection["epoch"], rule, stopped, path,
-            )  # fmt: skip
+            write_record(cfg, trainer, model, datamodule, metrics, selection, val_metrics, test,
+                         timings)  # fmt: skip
     return {**val_metrics, **metrics}  # "val/..." and "test/..." keys
 
 

@@ -2,18 +2,14 @@
 
 from typing import TYPE_CHECKING
 
+from ..images import IMAGE_EXTENSIONS, load_mask, load_rgb
 from .base import AnomalyDataModule
+from .dataset import AnomalyDataset
 from .defects import DEFECT_FAMILIES, draw_defect
 from .folder import FolderDataModule
-from .mvtec import (
-    IMAGE_EXTENSIONS,
-    MVTEC_CATEGORIES,
-    MVTecDataModule,
-    MVTecDataset,
-    Sample,
-    scan_mvtec_category,
-)
-from .transforms import ImageMaskTransform, load_mask, load_rgb
+from .layout import MVTEC_CATEGORIES, Sample, scan_mvtec_category
+from .mvtec import MVTecDataModule
+from .transforms import ImageMaskTransform
 
 if TYPE_CHECKING:
     from .synthetic import SyntheticDataModule, generate_synthetic_dataset
@@ -23,10 +19,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MVTEC_CATEGORIES",
     "AnomalyDataModule",
+    "AnomalyDataset",
     "FolderDataModule",
     "ImageMaskTransform",
     "MVTecDataModule",
-    "MVTecDataset",
     "Sample",
     "SyntheticDataModule",
     "draw_defect",

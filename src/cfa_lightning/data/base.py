@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import image_hw
 from ..sizes import MAX_ASPECT, auto_input_size, is_auto, square_side
-from .dataset import MVTecDataset
+from .dataset import AnomalyDataset
 from .layout import Sample
 from .transforms import ImageMaskTransform
 from .val_anomalies import SyntheticAnomalyConfig, SyntheticValidationSet
@@ -133,9 +133,9 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         self.cache_images = bool(cache_images)
         self.val_anomalies = val_anomalies
         self.synthetic_config = SyntheticAnomalyConfig.from_mapping(synthetic_anomalies)
-        self.train_set: MVTecDataset | None = None
+        self.train_set: AnomalyDataset | None = None
         self.val_set: Dataset | None = None
-        self.test_set: MVTecDataset | None = None
+        self.test_set: AnomalyDataset | None = None
 
     @abc.abstractmethod
     def scan(self) -> tuple[list[Sample], list[Sample], list[Sample]]:
@@ -217,9 +217,9 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         if self.transform is None:
             self._adopt_model_size()
         cache = self.cache_images
-        self.train_set = MVTecDataset(train, self.transform, cache)
-        self.val_set = MVTecDataset(val, self.transform, cache) if val else None
-        self.test_set = MVTecDataset(test, self.transform, cache)
+        self.train_set = AnomalyDataset(train, self.transform, cache)
+        self.val_set = AnomalyDataset(val, self.transform, cache) if val else None
+        self.test_set = AnomalyDataset(test, self.transform, cache)
         if self.val_anomalies == "synthetic":
             self.val_set = self._synthetic_val_set(val)
         if val:
@@ -263,9 +263,9 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
                 "last epoch (data.val_anomalies=none +protocol=last_epoch)."
             )
         return SyntheticValidationSet(
-            MVTecDataset(normal, self.transform),
+            AnomalyDataset(normal, self.transform),
             self.synthetic_config,
-            MVTecDataset(real, self.transform) if real else None,
+            AnomalyDataset(real, self.transform) if real else None,
         )
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:

@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..images import load_mask, load_rgb
 from .layout import Sample
-from .transforms import ImageMaskTransform, load_mask, load_rgb
+from .transforms import ImageMaskTransform
 
-__all__ = ["MVTecDataset"]
+__all__ = ["AnomalyDataset"]
 
 
-class MVTecDataset(Dataset):
+class AnomalyDataset(Dataset):
     """Samples -> dicts with ``image`` (3, H, W), ``mask`` (1, H, W), ``label``, path, defect.
 
     ``cache=True`` keeps each decoded, resized image and mask in memory after its first use

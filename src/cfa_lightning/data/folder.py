@@ -25,7 +25,7 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 
 from .base import AnomalyDataModule, split_train_val
-from .layout import GOOD, Sample, _subfolders
+from .layout import GOOD, Sample, list_subfolders
 
 __all__ = ["FolderDataModule", "check_disjoint", "pil_extensions", "scan_folder"]
 
@@ -53,7 +53,7 @@ def _folder(root: Path, name: str, option: str) -> Path:
     if path.is_dir():
         return path
     parent = path.parent
-    present = [p.name for p in _subfolders(parent)] if parent.is_dir() else []
+    present = [p.name for p in list_subfolders(parent)] if parent.is_dir() else []
     close = difflib.get_close_matches(path.name, present, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     where = (
@@ -152,7 +152,7 @@ def scan_folder(
     val: list[Sample] = []
     if val_dir is not None:
         folder = _folder(root, val_dir, "data.val_dir")
-        subfolders = _subfolders(folder)
+        subfolders = list_subfolders(folder)
         if subfolders:  # good/ + <defect>/ subfolders (no masks: validation is image-level)
             for sub in subfolders:
                 label = 0 if sub.name == GOOD else 1

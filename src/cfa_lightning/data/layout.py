@@ -20,12 +20,10 @@ from typing import NamedTuple
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from ..images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE  # torch-free; re-exported here
+from ..images import IMAGE_EXTENSIONS
 
 __all__ = [
     "GOOD",
-    "IMAGE_EXTENSIONS",
-    "MIN_IMAGE_SIDE",
     "MVTEC_CATEGORIES",
     "MVTEC_COUNTS",
     "MVTEC_URL",
@@ -34,7 +32,9 @@ __all__ = [
     "check_category_dir",
     "count_samples",
     "list_images",
+    "list_subfolders",
     "scan_mvtec_category",
+    "warn_if_incomplete",
 ]
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -108,7 +108,8 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _subfolders(folder: Path) -> list[Path]:
+def list_subfolders(folder: Path) -> list[Path]:
+    """Folders directly in ``folder`` (no hidden ones), sorted."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -125,7 +126,7 @@ def check_category_dir(root: str | os.PathLike, category: str) -> Path:
     if category_dir.is_dir():
         return category_dir
 
-    present = [p.name for p in _subfolders(root)]
+    present = [p.name for p in list_subfolders(root)]
     candidates = list(dict.fromkeys([*present, *MVTEC_CATEGORIES]))
     close = difflib.get_close_matches(category, candidates, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -154,7 +155,7 @@ def _mask_path_for(gt_dir: Path, image: Path) -> Path | None:
 def scan_mvtec_category(root: str | os.PathLike, category: str) -> dict[str, list[Sample]]:
     """List a category's samples: ``{"train": [...], "test": [...]}``, sorted by folder, name.
 
-    Only paths are checked here; images are opened lazily by :class:`MVTecDataset`.
+    Only paths are checked here; images are opened lazily by :class:`AnomalyDataset` (dataset.py).
     """
     category_dir = check_category_dir(root, category)
 
@@ -175,7 +176,7 @@ def scan_mvtec_category(root: str | os.PathLike, category: str) -> dict[str, lis
     test_dir = category_dir / "test"
     test: list[Sample] = []
     if test_dir.is_dir():
-        for defect_dir in _subfolders(test_dir):
+        for defect_dir in list_subfolders(test_dir):
             defect = defect_dir.name
             gt_dir = category_dir / "ground_truth" / defect
             for image in list_images(defect_dir):
@@ -197,7 +198,7 @@ def scan_mvtec_category(root: str | os.PathLike, category: str) -> dict[str, lis
             f"ground_truth/<defect>/<stem>_mask.png."
         )
     _warn_orphan_masks(category_dir / "ground_truth", {s.mask_path for s in test})
-    scanned = [train_dir, *(_subfolders(test_dir) if test_dir.is_dir() else [])]
+    scanned = [train_dir, *(list_subfolders(test_dir) if test_dir.is_dir() else [])]
     _warn_non_images(scanned)
     return {"train": train, "test": test}
 
@@ -221,7 +222,7 @@ def _warn_orphan_masks(gt_root: Path, used: set[Path | None]) -> None:
     """Masks that belong to no test image are ignored, but never silently."""
     if not gt_root.is_dir():
         return
-    orphans = [m for d in _subfolders(gt_root) for m in list_images(d) if m not in used]
+    orphans = [m for d in list_subfolders(gt_root) for m in list_images(d) if m not in used]
     if orphans:
         shown = ", ".join(str(m) for m in orphans[:3])
         rank_zero_warn(
@@ -238,7 +239,8 @@ def count_samples(samples: Mapping[str, Sequence[Sample]]) -> CategoryCounts:
     return CategoryCounts(len(samples["train"]), n_good, len(test) - n_good, len(defects))
 
 
-def _check_known_counts(category_dir: Path, samples: Mapping[str, Sequence[Sample]]) -> None:
+def warn_if_incomplete(category_dir: Path, samples: Mapping[str, Sequence[Sample]]) -> None:
+    """Warn when a known MVTec AD category holds other counts than :data:`MVTEC_COUNTS`."""
     expected = MVTEC_COUNTS.get(category_dir.name)
     if expected is None:
         return

@@ -1,7 +1,7 @@
 """MVTec AD: the DataModule of one category, with the archive download.
 
 The folder scan lives in ``layout.py``, file checks in ``verify.py``, the dataset in
-``dataset.py`` and the loaders in ``base.py``; their public names are re-exported here.
+``dataset.py`` and the loaders in ``base.py``.
 The validation split is a seeded part of ``train/good`` (``data.split_seed``), never ``test``.
 """
 
@@ -13,43 +13,17 @@ from typing import Any
 from pytorch_lightning.utilities import rank_zero_warn
 
 from .base import AnomalyDataModule, split_train_val
-from .dataset import MVTecDataset
 from .download import ensure_archive_extracted
 from .layout import (
-    GOOD,
-    IMAGE_EXTENSIONS,
-    MIN_IMAGE_SIDE,
     MVTEC_CATEGORIES,
-    MVTEC_COUNTS,
     MVTEC_URL,
-    CategoryCounts,
     Sample,
-    _check_known_counts,
     check_category_dir,
-    count_samples,
-    list_images,
     scan_mvtec_category,
+    warn_if_incomplete,
 )
-from .verify import verify_samples
 
-__all__ = [
-    "GOOD",
-    "IMAGE_EXTENSIONS",
-    "MIN_IMAGE_SIDE",
-    "MVTEC_CATEGORIES",
-    "MVTEC_COUNTS",
-    "MVTEC_URL",
-    "CategoryCounts",
-    "MVTecDataModule",
-    "MVTecDataset",
-    "Sample",
-    "check_category_dir",
-    "count_samples",
-    "list_images",
-    "scan_mvtec_category",
-    "split_train_val",
-    "verify_samples",
-]
+__all__ = ["MVTecDataModule"]
 
 
 class MVTecDataModule(AnomalyDataModule):
@@ -104,7 +78,7 @@ class MVTecDataModule(AnomalyDataModule):
     def scan(self) -> tuple[list[Sample], list[Sample], list[Sample]]:
         """(train, val, test) samples: val is a seeded part of train/good, never of test."""
         samples = scan_mvtec_category(self.root, self.category)
-        _check_known_counts(self.root / self.category, samples)
+        warn_if_incomplete(self.root / self.category, samples)
         train = samples["train"]
         train_idx, val_idx = split_train_val(len(train), self.val_fraction, self.split_seed)
         if self.val_fraction > 0 and not val_idx:

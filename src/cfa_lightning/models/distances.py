@@ -56,6 +56,15 @@ def float32_region(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+def chunk_budget_bytes(chunk_mb: float | str) -> int | str:
+    """model.chunk_mb -> CFA's chunk_bytes: "auto" stays, a number of MB becomes bytes."""
+    if chunk_mb == "auto":
+        return "auto"
+    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, int | float) or chunk_mb <= 0:
+        raise ValueError(f"model.chunk_mb={chunk_mb!r}; give a positive number of MB or auto")
+    return int(chunk_mb * 2**20)
+
+
 def block_budget(chunk_bytes: int | str | None, device: torch.device) -> int | None:
     """Bytes one block may use: explicit, None (one block), or "auto" from the device."""
     if chunk_bytes != "auto":

@@ -34,8 +34,8 @@ CONSTRUCTIONS = ("positional", "kmeans", "coreset")
 def kmeans(x: Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0) -> Tensor:
     """k-means of x (N, D) into n_clusters centres (float32), with faiss's seeded k-means.
 
-    faiss measured twice as fast as a torch Lloyd's loop at the same inertia on one CPU thread
-    (docs/method.md). Empty clusters are refilled by splitting large ones, so the count is always
+    faiss, not a Lloyd's loop of our own (experiments/results/speed.md, k-means for the bank).
+    Empty clusters are refilled by splitting large ones, so the count is always
     exactly n_clusters. Runs on the CPU; the centres return to x's device.
     """
     import faiss
@@ -137,6 +137,18 @@ def bank_size(
     return max(1, round(size * n_patches))
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give (MemAvailable), or None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class MemoryBank(nn.Module):
     """Holds C as a buffer (its row count is restored from checkpoints).
 
@@ -216,6 +228,17 @@ class MemoryBank(nn.Module):
         else:
             work += pool * (self.dim * 4 + 16)  # faiss's copy, assignments and distances
         return work
+
+    def check_memory(self, n_images: int) -> None:
+        """Stop before a build of ``n_images`` images that the system's memory cannot hold."""
+        need, available = self.build_bytes(n_images), available_memory_bytes()
+        if available is not None and need > available:
+            raise MemoryError(
+                f"building the {self.construction} bank needs about {need / 2**30:.1f} GiB for "
+                f"{self.pool_size(n_images)} patches of {self.dim} dims, but only "
+                f"{available / 2**30:.1f} GiB is available; lower model.bank.max_patches, "
+                "model.gamma_d or data.image_size"
+            )
 
     def reset(self, n_images: int | None = None) -> None:
         """Start a build of ``n_images`` images in all (all ranks), which sets the per-image quota
