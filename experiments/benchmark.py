@@ -274,7 +274,13 @@ def row(r: dict) -> str:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads"
+    model = None
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        model = names[0] if names else None
+    cpu = model or platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, torch using {torch.get_num_threads()} thread(s)"
 
 
 def size_arg(text: str) -> int | float:

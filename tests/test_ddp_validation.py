@@ -167,7 +167,7 @@ def _validate_on_rank(rank: int, port: int, out: str) -> None:
     # a collective that waits for a rank that never comes fails after 60 s instead of hanging
     strategy = DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
     metrics = _validate(module, devices=WORLD, strategy=strategy)
-    torch.save({"metrics": metrics, "normal": module._val_normal}, f"{out}/rank{rank}.pt")
+    torch.save({"metrics": metrics, "normal": module._val.normal}, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.slow

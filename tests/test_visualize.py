@@ -29,3 +29,20 @@ def test_colour_bar_marks_the_threshold():
     assert bar.shape == (28, 301, 3) and bar.dtype == np.uint8
     tick = np.where((bar[:14] < 40).all(axis=-1).all(axis=0))[0]  # an all-black column
     assert tick.size and abs(int(tick.mean()) - 100) <= 2
+
+
+def test_a_non_square_overlay_panel_keeps_the_maps_shape():
+    """The test overlays' panel of a wide model: image | heat | contours, each H x W, undistorted."""
+    from cfa_lightning.visualize import overlay_panel
+
+    image = np.full((6, 10, 3), 100, np.uint8)
+    heat = np.tile(np.linspace(0.0, 1.0, 10, dtype=np.float32), (6, 1))  # cold left, hot right
+    truth = np.zeros((6, 10), bool)
+    truth[2:4, 7:9] = True
+    panel = overlay_panel(image, heat, None, truth)
+    assert panel.shape == (6, 30, 3)
+    blended = panel[:, 10:20].astype(int)
+    assert (blended[:, -1, 0] > blended[:, -1, 2]).all() and (
+        blended[:, 0, 2] > blended[:, 0, 0]
+    ).all()
+    assert (panel[:, 20:][truth] == (0, 220, 0)).all(1).any()  # the contour where the truth is

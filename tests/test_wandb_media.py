@@ -62,3 +62,17 @@ def test_predicted_masks_use_the_models_calibrated_threshold():
     predicted = overlay._masks["prediction"]._val["mask_data"][:, :8]
     assert np.array_equal(predicted, (sample["map"] >= 30).astype(np.uint8))
     assert "colours 0 (blue) to 90 (red)" in overlay._caption  # threshold at a third
+
+
+def test_a_non_square_overlay_keeps_the_maps_shape():
+    """A wide model's map (6 x 10) sits beside its image pixel for pixel, not squashed."""
+    sample = _sample(h=6, w=10)  # map values increase along each row, then down
+    sample["image"] = np.full((6, 10, 3), 100, np.uint8)
+    scale = HeatScale.spanning([sample["map"]])
+    media = WandbTestMedia(masks=True)._overlay(sample, scale, 30.0)
+    panel = np.asarray(media.image)
+    assert panel.shape == (6, 20, 3)  # (H, 2W): image | map
+    expected = (0.5 * sample["image"] + 0.5 * colormap(scale(sample["map"]))).astype(np.uint8)
+    assert np.array_equal(panel[:, 10:], expected)
+    assert media._masks["prediction"]._val["mask_data"].shape == (6, 20)
+    assert np.array_equal(media._masks["ground_truth"]._val["mask_data"][:, 10:], sample["mask"])

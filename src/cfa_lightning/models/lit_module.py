@@ -1,16 +1,16 @@
 """CFA's training recipe as a LightningModule: build the bank, train phi, validate, test, predict.
 
 The method itself is the pure model in ``cfa.py`` (docs/method.md maps each equation to its
-file). Three rules live in their own homes: ``tap_cache.py`` (the frozen backbone's taps kept
-across a fit), ``untrained_epoch.py`` (epoch 0 of a validated fit) and ``calibration.py``
-(thresholds fitted on validation).
+file). The rules around it live in their own homes: ``bank_build.py`` (the bank's build over
+a loader, DDP included), ``tap_cache.py`` (the frozen backbone's taps kept across a fit),
+``untrained_epoch.py`` (epoch 0 of a validated fit), ``validation.py`` (a validation epoch's
+sums over ranks) and ``calibration.py`` (thresholds fitted on validation).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, rebuild_module
 from ..distributed import (
     PaddingFilter,
     current_eval_loader,
-    reduce_bank_statistics,
-    shard_loader,
-    world_and_rank,
 )
 from ..metrics import AnomalyMetrics
 from ..utils import plain
 from .backbone import build_backbone
+from .bank_build import build_bank
 from .calibration import ValidationCalibrator
 from .cfa import CFA
 from .distances import chunk_budget_bytes
@@ -120,7 +117,8 @@ class CFALitModule(pl.LightningModule):
             # Backbone + descriptor only (the search is one large matmul per block already).
             self.model.describe = torch.compile(self.model.describe)
 
-    def _batch_taps(self, images: Tensor, paths: Sequence[str] | None) -> list[Tensor]:
+    def batch_taps(self, images: Tensor, paths: Sequence[str] | None) -> list[Tensor]:
+        """The frozen backbone's taps of a batch, kept across a fit's epochs (tap_cache.py)."""
         return self._taps.for_batch(self._trainer, self.model.backbone, images, paths)
 
     # ---- 1. the memory bank, once per fit ---------------------------------------------------
@@ -145,42 +143,9 @@ class CFALitModule(pl.LightningModule):
             )
         self.build_bank(datamodule.bank_dataloader())
 
-    @torch.no_grad()
     def build_bank(self, loader) -> None:
-        """The bank from phi's initial output over the training set (memory_bank.py).
-
-        phi runs under the training forward's precision (bf16 autocast under bf16-mixed), so the
-        centres live where the training and test descriptors do. Under DDP each rank reads only
-        its own share of the images, the statistics are reduced over ranks, and all ranks take
-        rank 0's centres.
-        """
-        bank, n_images = self.model.bank, len(loader.dataset)
-        if n_images < 1:
-            raise RuntimeError("memory bank has no training image; is the train split empty?")
-        self.model.check_bank_size(bank.centres_for(n_images))
-        bank.check_memory(n_images)
-        bank.reset(n_images)
-        trainer = self._trainer  # None when called outside a Trainer
-        show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback)
-        precision = trainer.precision_plugin.train_step_context() if trainer else nullcontext()
-        world, rank = world_and_rank()
-        if world > 1:
-            loader = shard_loader(loader, rank, world)
-        start = time.perf_counter()
-        with precision:
-            for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
-                images = batch["image"].to(self.device)
-                taps = self._batch_taps(images, batch.get("image_path"))
-                bank.update(self.model.describe(images, taps))
-        stats, count = reduce_bank_statistics(*bank.statistics(), bank.pooled)
-        bank.finalize(stats, count)
-        if world > 1:
-            torch.distributed.broadcast(bank.centres, src=0)
-        self.bank_build_s = time.perf_counter() - start
-        rank_zero_info(
-            f"memory bank ({bank.construction}) built from {int(count)} training images in "
-            f"{self.bank_build_s:.1f} s: {bank.n_centres} centres of {bank.dim} dims"
-        )
+        """The bank from phi's initial output over ``loader``'s images (bank_build.py)."""
+        self.bank_build_s = build_bank(self, loader)
 
     # ---- 2. training phi (and r) -------------------------------------------------------------
 
@@ -210,7 +175,7 @@ class CFALitModule(pl.LightningModule):
         if self.untrained.active(self.current_epoch):
             return self.untrained.zero_loss(self)
         images = batch["image"]
-        loss, _ = self.model.loss(images, taps=self._batch_taps(images, batch.get("image_path")))
+        loss, _ = self.model.loss(images, taps=self.batch_taps(images, batch.get("image_path")))
         bs = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         radius = self.model.loss_fn.radius.detach()
@@ -242,7 +207,7 @@ class CFALitModule(pl.LightningModule):
             return
         images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
         paths = batch.get("image_path")
-        taps = self._batch_taps(images, paths[:n] if paths is not None else None)
+        taps = self.batch_taps(images, paths[:n] if paths is not None else None)
         normal = labels == 0  # (n,)
         scores, maps = images.new_zeros(n), images.new_zeros(n, *images.shape[-2:])  # (n, H, W)
         if normal.any():  # val/loss and the calibration see the normal images only

@@ -217,17 +217,19 @@ class MemoryBank(nn.Module):
         return m
 
     def build_bytes(self, n_images: int) -> int:
-        """An estimate of the memory the build needs besides the model (the pool and its work)."""
+        """An estimate of the peak memory the bank's build needs besides the model and the
+        backbone's working memory over one batch: the pool twice while its batches are joined,
+        then the pool beside the selection's work."""
         if not self.pooled:
             return 8 * self.dim * self.height * self.width
         pool = self.pool_size(n_images)
-        work = pool * self.dim * 4  # the pool, float32
+        pool_bytes = pool * self.dim * 4  # float32
         if self.construction == "coreset":
             dims = min(self.dim, self.projection_dim or self.dim)
-            work += pool * (dims + 2) * 4  # its projection, norms and distances
+            work = pool * (2 * dims + 2) * 4  # its projection and the product's, distances
         else:
-            work += pool * (self.dim * 4 + 16)  # faiss's copy, assignments and distances
-        return work
+            work = pool * (self.dim * 4 + 16)  # faiss's copy, assignments and distances
+        return max(2 * pool_bytes, pool_bytes + work)
 
     def check_memory(self, n_images: int) -> None:
         """Stop before a build of ``n_images`` images that the system's memory cannot hold."""
@@ -295,6 +297,7 @@ class MemoryBank(nn.Module):
         )
         if self.pooled:
             pool = torch.cat(self._pool) if self._pool else torch.zeros(0, self.dim, device=device)
+            self._pool = [pool]  # one copy of the pool, not the batches' and their concatenation
             return pool, count
         if self._sum is None:
             return torch.zeros(self.dim, self.height, self.width, dtype=torch.float64,
@@ -305,9 +308,9 @@ class MemoryBank(nn.Module):
     def finalize(self, stats: Tensor | None = None, count: Tensor | None = None) -> None:
         """Centres from the statistics of the whole build (`statistics`, reduced over ranks by a
         distributed caller; None: this process's own)."""
-        own_stats, own_count = self.statistics()
-        stats = own_stats if stats is None else stats
-        n = own_count if count is None else count
+        if stats is None or count is None:  # a single process: its own statistics
+            stats, count = self.statistics()
+        n = count
         n_images = int(n)
         if n_images < 1:
             raise RuntimeError("memory bank has seen no training image; is the train split empty?")

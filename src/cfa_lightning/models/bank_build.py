@@ -1,0 +1,54 @@
+"""Building a LightningModule's memory bank from a loader: precision, progress, DDP (memory_bank.py
+holds the constructions themselves)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from ..distributed import reduce_bank_statistics, shard_loader, world_and_rank
+
+
+@torch.no_grad()
+def build_bank(module: Any, loader: Any) -> float:
+    """The bank of ``module.model`` from phi's initial output over ``loader``'s images; returns
+    the build's seconds.
+
+    Stops before any work when the bank's size or memory cannot work for these images. phi runs
+    under the training forward's precision (bf16 autocast under bf16-mixed), so the centres live
+    where the training and test descriptors do. Under DDP each rank reads only its own share of
+    the images, the statistics are reduced over ranks, and all ranks take rank 0's centres.
+    """
+    bank, n_images = module.model.bank, len(loader.dataset)
+    if n_images < 1:
+        raise RuntimeError("memory bank has no training image; is the train split empty?")
+    module.model.check_bank_size(bank.centres_for(n_images))
+    bank.check_memory(n_images)
+    bank.reset(n_images)
+    trainer = module._trainer  # None when called outside a Trainer
+    show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback)
+    precision = trainer.precision_plugin.train_step_context() if trainer else nullcontext()
+    world, rank = world_and_rank()
+    if world > 1:
+        loader = shard_loader(loader, rank, world)
+    start = time.perf_counter()
+    with precision:
+        for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
+            images = batch["image"].to(module.device)
+            taps = module.batch_taps(images, batch.get("image_path"))
+            bank.update(module.model.describe(images, taps))
+    stats, count = reduce_bank_statistics(*bank.statistics(), bank.pooled)
+    bank.finalize(stats, count)
+    if world > 1:
+        torch.distributed.broadcast(bank.centres, src=0)
+    seconds = time.perf_counter() - start
+    rank_zero_info(
+        f"memory bank ({bank.construction}) built from {int(count)} training images in "
+        f"{seconds:.1f} s: {bank.n_centres} centres of {bank.dim} dims"
+    )
+    return seconds
