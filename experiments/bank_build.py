@@ -23,7 +23,6 @@ weights come from the hub may run with random ones (`--random-weights`).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import subprocess
@@ -34,28 +33,22 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+import benchmark  # experiments/benchmark.py, beside this script: its peak-memory tools
+from benchmark import status_mb
 from cfa_lightning.data import MVTecDataModule
 from cfa_lightning.models.lit_module import CFALitModule
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 FIELDS = ("construction", "size", "centres", "dims", "pool", "images", "build_s", "select_s",
           "peak_rss_mb", "peak_above_mb", "pass_peak_above_mb", "select_peak_above_mb",
           "estimate_mb")  # fmt: skip
 
 
-def status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
 def reset_peak() -> float:
-    """Return freed heap to the system, make the peak RSS the current RSS, and return it (MB)."""
+    """Collect garbage, start a new peak RSS (benchmark.py), and return the current RSS (MB)."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
+    benchmark.reset_peak(CPU)
     return status_mb("VmRSS")
 
 
@@ -113,12 +106,6 @@ def build_one(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), "unknown CPU")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0",
@@ -141,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build_one(args)))
         return 0
 
-    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    machine = f"{benchmark.machine(CPU)}, torch {torch.__version__}"
     print(f"# bank build on {args.category}, {args.backbone}, {args.size} px; {machine}")
     print("| " + " | ".join(FIELDS) + " |\n|" + "---|" * len(FIELDS), flush=True)
     child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]

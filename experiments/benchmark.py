@@ -62,7 +62,8 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # ---- peak memory of one step -------------------------------------------------------------------
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB; NaN where there is none."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -86,7 +87,7 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mb("VmHWM")
+    return status_mb("VmHWM")
 
 
 # ---- the two paths ------------------------------------------------------------------------------
