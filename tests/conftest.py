@@ -70,7 +70,8 @@ def trained_checkpoint(synthetic_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def coreset_checkpoint(synthetic_root, tmp_path_factory) -> Path:
-    """As trained_checkpoint, with a coreset bank sized by a fraction: larger than h * w."""
+    """As trained_checkpoint, with a coreset bank sized by a fraction (larger than h * w) and
+    the taps normalised (model.tap_norm)."""
     import pytorch_lightning as pl
 
     from cfa_lightning.data import MVTecDataModule
@@ -81,7 +82,8 @@ def coreset_checkpoint(synthetic_root, tmp_path_factory) -> Path:
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
                          eval_batch_size=4, val_fraction=0.25)  # fmt: skip
     module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-                          input_size=[64, 80], bank={"construction": "coreset", "size": 0.5})  # fmt: skip
+                          input_size=[64, 80], bank={"construction": "coreset", "size": 0.5},
+                          tap_norm=True)  # fmt: skip
     trainer = pl.Trainer(default_root_dir=out, max_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     trainer.fit(module, datamodule=dm)

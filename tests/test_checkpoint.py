@@ -162,6 +162,9 @@ def test_a_checkpoint_loads_with_its_own_bank_whatever_the_config_says(coreset_c
     bank = restored.model.bank
     assert bank.construction == "coreset" and bank.size == 0.5
     assert torch.equal(bank.centres, saved) and saved.shape[0] > 16 * 20  # a fraction > h * w
+    scales = ckpt["state_dict"]["model.descriptor.tap_scales"]  # fitted by model.tap_norm
+    assert restored.model.descriptor.tap_norm and not torch.equal(scales, torch.ones(3))
+    assert torch.equal(restored.model.descriptor.tap_scales, scales)
     images = torch.rand(2, 3, 64, 80)
     again = CFALitModule.from_checkpoint(coreset_checkpoint)
     with torch.no_grad():

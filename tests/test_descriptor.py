@@ -49,3 +49,22 @@ def test_only_the_coordconv_is_trainable():
     names = [n for n, p in desc.named_parameters() if p.requires_grad]
     assert names == ["coord_conv.weight", "coord_conv.bias"]
     assert desc.coord_conv.in_channels == 8 + 2
+
+
+def test_tap_norm_scales_each_pooled_tap_to_mean_patch_norm_one():
+    torch.manual_seed(0)
+    desc = PatchDescriptor([3, 5], tap_norm=True)
+    feats = [40.0 * torch.randn(2, 3, 8, 8), 3.0 * torch.randn(2, 5, 4, 4)]
+    before = desc.stack(feats)
+    scales = desc.fit_tap_scales(feats)
+    z = desc.stack(feats)  # (2, 8, 8, 3 + 5 + 2)
+    assert torch.allclose(z[..., :3].norm(dim=-1).mean(), torch.tensor(1.0), atol=1e-4)
+    # the second tap's norm is taken at its own resolution, before the resize
+    pooled = desc.pool(feats[1]) * scales[1]
+    assert torch.allclose(pooled.norm(dim=1).mean(), torch.tensor(1.0), atol=1e-4)
+    assert torch.equal(z[..., 8:], before[..., 8:])  # coordinates unscaled
+    assert "tap_scales" in desc.state_dict()
+
+
+def test_without_tap_norm_the_state_has_no_scales():
+    assert "tap_scales" not in PatchDescriptor([3, 5]).state_dict()

@@ -96,7 +96,9 @@ def record_collectives(monkeypatch) -> dict:
     return seen
 
 
-def _build_bank_on_rank(rank: int, world: int, port: int, out: str, bank=None) -> None:
+def _build_bank_on_rank(
+    rank: int, world: int, port: int, out: str, bank=None, tap_norm: bool = False
+) -> None:
     from pytorch_lightning.plugins.precision import Precision
 
     from cfa_lightning.models.lit_module import CFALitModule
@@ -108,7 +110,7 @@ def _build_bank_on_rank(rank: int, world: int, port: int, out: str, bank=None) -
             seen = record_collectives(monkeypatch)
             pl.seed_everything(0)
             options = {"gamma_c": 2} if bank is None else {"bank": bank}  # k-means on every rank
-            module = CFALitModule(BACKBONE, input_size=[64, 80], **options)
+            module = CFALitModule(BACKBONE, input_size=[64, 80], tap_norm=tap_norm, **options)
             module._trainer = SimpleNamespace(  # the parts of a DDP Trainer that build_bank may use
                 world_size=world, global_rank=rank, is_global_zero=rank == 0,
                 strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,
@@ -116,8 +118,9 @@ def _build_bank_on_rank(rank: int, world: int, port: int, out: str, bank=None) -
             )  # fmt: skip
             data = CountingImages(N_IMAGES)
             module.build_bank(DataLoader(data, batch_size=2))
-        torch.save({"centres": module.model.bank.centres, "read": data.read, **seen},
-                   f"{out}/rank{rank}.pt")  # fmt: skip
+        scales = module.model.descriptor.state_dict().get("tap_scales")
+        torch.save({"centres": module.model.bank.centres, "read": data.read, "scales": scales,
+                    **seen}, f"{out}/rank{rank}.pt")  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
 
@@ -147,21 +150,28 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "bank",
+    "bank, tap_norm",
     [
-        {"construction": "kmeans", "size": 40},
-        {"construction": "coreset", "size": 40},
-        {"construction": "coreset", "size": 1.0},
+        ({"construction": "kmeans", "size": 40}, False),
+        ({"construction": "coreset", "size": 40}, False),
+        ({"construction": "coreset", "size": 40}, True),
+        ({"construction": "coreset", "size": 1.0}, False),
     ],
 )
-def test_pooled_banks_are_identical_on_every_rank_and_built_from_all_images(tmp_path, bank):
+def test_pooled_banks_are_identical_on_every_rank_and_built_from_all_images(
+    tmp_path, bank, tap_norm
+):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_build_bank_on_rank, args=(2, port, str(tmp_path), bank), nprocs=2)
+    args = (2, port, str(tmp_path), bank, tap_norm)
+    torch.multiprocessing.spawn(_build_bank_on_rank, args=args, nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert sorted(ranks[0]["read"] + ranks[1]["read"]) == list(range(N_IMAGES))
     assert torch.equal(ranks[0]["centres"], ranks[1]["centres"])
+    if tap_norm:  # one set of tap scales, averaged over the ranks' first batches
+        assert torch.equal(ranks[0]["scales"], ranks[1]["scales"])
+        assert not torch.equal(ranks[0]["scales"], torch.ones(3))
     for r in ranks:  # the pools travel as tensors; nothing of the build is pickled
         assert r["pickled"] == [], r["pickled"]
     pl.seed_everything(0)

@@ -38,9 +38,13 @@ def build_bank(module: Any, loader: Any) -> float:
         loader = shard_loader(loader, rank, world)
     start = time.perf_counter()
     with precision:
-        for batch in tqdm(loader, desc="Building memory bank", disable=not show, leave=False):
+        for i, batch in enumerate(
+            tqdm(loader, desc="Building memory bank", disable=not show, leave=False)
+        ):
             images = batch["image"].to(module.device)
             taps = module.batch_taps(images, batch.get("image_path"))
+            if i == 0 and module.model.descriptor.tap_norm:
+                fit_tap_scales(module.model.descriptor, taps, world)
             bank.update(module.model.describe(images, taps))
     stats, count = reduce_bank_statistics(*bank.statistics(), bank.pooled)
     bank.finalize(stats, count)
@@ -52,3 +56,14 @@ def build_bank(module: Any, loader: Any) -> float:
         f"{seconds:.1f} s: {bank.n_centres} centres of {bank.dim} dims"
     )
     return seconds
+
+
+def fit_tap_scales(descriptor: Any, taps: list[torch.Tensor], world: int) -> None:
+    """``model.tap_norm``: the descriptor's tap scales from the first bank batch's taps (averaged
+    over ranks under DDP, so that every rank describes patches alike) before any patch is
+    pooled."""
+    scales = descriptor.fit_tap_scales(taps)
+    if world > 1:
+        torch.distributed.all_reduce(scales)
+        scales /= world
+    rank_zero_info("tap scales (model.tap_norm): " + ", ".join(f"{s:.4g}" for s in scales.tolist()))

@@ -69,6 +69,7 @@ class CFALitModule(pl.LightningModule):
         untrained_epoch: bool = False,
         tap_cache_mb: float = 2048,
         bank: Mapping[str, Any] | None = None,
+        tap_norm: bool = False,
     ) -> None:
         super().__init__()
         backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
@@ -83,7 +84,7 @@ class CFALitModule(pl.LightningModule):
             build_backbone(backbone), input_size=input_size, gamma_c=gamma_c, gamma_d=gamma_d,
             K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius,
             blur_sigma=blur_sigma, kmeans_seed=kmeans_seed,
-            chunk_bytes=chunk_budget_bytes(chunk_mb), bank=bank,
+            chunk_bytes=chunk_budget_bytes(chunk_mb), bank=bank, tap_norm=tap_norm,
         )  # fmt: skip
         self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
