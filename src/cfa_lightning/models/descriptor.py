@@ -13,13 +13,13 @@ class PatchDescriptor(nn.Module):
 
     CoordConv = append the normalised (row, col) coordinates in [-1, 1] as two channels, then a
     1x1 convolution with bias from D + 2 to D' = D // gamma_d; it holds the only trainable weights.
-
-    tap_norm: every pooled tap is multiplied by its ``tap_scales`` (1 / its mean patch norm over
-    the bank images, fitted by `fit_tap_scales` before the bank is built), so that each tap's
-    patches have norm about 1 and the coordinates weigh about as much as the features. Off, the
-    raw taps (lite0's norms are 26-41) leave the coordinates almost no weight.
     Z is assembled channels-last, so the 1x1 convolution is one matrix product and the patches
     come out as contiguous (h * w, D') rows with no further copy.
+
+    tap_norm: every pooled tap is multiplied by its ``tap_scales`` (1 / its mean patch norm over
+    the first bank batch, fitted by `fit_tap_scales` before the bank is built), so that each
+    tap's patches have a norm of about 1 (raw lite0 taps: 26-41). The patch score's softmin
+    depends on that scale (docs/method.md, section 5).
     """
 
     def __init__(self, in_channels: list[int], gamma_d: int = 1, tap_norm: bool = False) -> None:
