@@ -37,7 +37,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from cfa_lightning.config import CONFIG_DIR
 from cfa_lightning.models.distances import squared_distances
-from cfa_lightning.models.maps import patch_scores
+from cfa_lightning.models.maps import patch_scores, score_maps
 
 
 @torch.no_grad()
@@ -49,10 +49,10 @@ def image_score_aurocs(cfa, loader, support: int) -> dict[str, float]:
     for batch in loader:
         images, labels = batch["image"], batch["label"].long()
         desc = cfa.describe(images)  # (B, D', h, w)
-        b = desc.shape[0]
+        b, _, h, w = desc.shape
         p = cfa.flatten_patches(desc)
         nearest_sq, idx = cfa.nearest(p, cfa.K)
-        out = cfa._output(nearest_sq, desc.shape, images.shape[-2:])
+        out = score_maps(nearest_sq, (b, h, w), images.shape[-2:], cfa.blur)
         raw = patch_scores(nearest_sq).view(b, -1)  # (B, h * w)
         top = raw.argmax(dim=1)  # the most anomalous patch of each image
         rows = top + torch.arange(b) * raw.shape[1]
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--support", type=int, default=9, help="PatchCore's re-weighting support")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides")
     args = parser.parse_args()
+    if args.scale is not None and "model.tap_norm=true" in args.overrides:
+        parser.error("--scale and model.tap_norm=true: tap_norm would undo the scale; give one")
     torch.set_num_threads(args.threads)
     overrides = [f"+experiment={args.experiment}", "data=shared", f"data.category={args.category}",
                  f"model/bank={args.bank}", "logger=none", "callbacks=none", "data.image_size=256",
