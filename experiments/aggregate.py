@@ -41,6 +41,7 @@ SETTING_KEYS = (
     "gamma_c",
     "gamma_d",
     "radius_init",
+    "loss",
 )
 README_START = "<!-- benchmark-table:start -->"
 README_END = "<!-- benchmark-table:end -->"
@@ -86,12 +87,20 @@ def load_runs(roots: Iterable[Path]) -> list[dict[str, Any]]:
                 "gamma_c": result.get("gamma_c"),
                 "gamma_d": result.get("gamma_d"),
                 "radius_init": result.get("radius_init"),
+                "loss": loss_label(result),
                 "train_time_s": result.get("train_time_s"),
             }
             for name in METRICS:
                 run[name] = result["metrics"].get(f"test/{name}")
             runs.append(run)
     return runs
+
+
+def loss_label(result: dict[str, Any]) -> str:
+    """K, J and alpha of a job, e.g. "K 1, J 3, alpha 0.1" ("" for a job that predates them)."""
+    if "K" not in result:
+        return ""
+    return f"K {result['K']}, J {result.get('J')}, alpha {result.get('alpha')}"
 
 
 def bank_label(bank: Any) -> str:
@@ -218,7 +227,8 @@ def markdown(runs: list[dict[str, Any]], summary: dict, reference: bool = False)
             f"{info['bank']}, at most {info['epochs']} epochs, "
             f"seeds {', '.join(map(str, block['seeds']))}, tested: {info['selection']} (no "
             f"selection on the test set); gamma_c = {info['gamma_c']}, gamma_d = {info['gamma_d']}, "
-            f"initial r = {info['radius_init']}. Values in %, mean ± std over seeds.",
+            f"initial r = {info['radius_init']}{'; ' + info['loss'] if info['loss'] else ''}. "
+            "Values in %, mean ± std over seeds.",
             "",
             *table("category", {**block["categories"], mean_name: block["mean"]}, [mean_name]),
         ]

@@ -13,6 +13,10 @@ PatchCore's differences can be probed here (issue 27):
   other image scores: the largest un-blurred patch score, and PatchCore's re-weighting of it
   (Roth et al. 2022, eq. 7: the score times 1 - softmax over its distances to the nearest
   centre's ``--support`` nearest centres, taken at the nearest centre).
+- ``--distances B``: quartiles of the squared distance to the 1st, K-th, (K+1)-th and (K+J)-th
+  nearest centre over the patches of B bank batches: the scale that alpha and r act on.
+- The probes in experiments/results/bank/ before ``model.K`` defaulted to 1 ran at K = 3: add
+  ``-- model.K=3`` to repeat them.
 - ``--identity-phi``: phi's 1x1 convolution set to the identity on the taps (coordinates and bias
   dropped), so that the bank and the search see the raw pooled taps, as PatchCore does, instead
   of their random projection by the untrained phi.
@@ -70,6 +74,22 @@ def image_score_aurocs(cfa, loader, support: int) -> dict[str, float]:
     return {name: float(metric.compute()) for name, metric in aurocs.items()}
 
 
+@torch.no_grad()
+def distance_quantiles(cfa, loader, batches: int) -> dict[int, Tensor]:
+    """Quartiles of the squared distance to the k-th nearest centre, k = 1, K, K + 1, K + J, over
+    the patches of the first `batches` bank batches: the scale that the loss's margin alpha
+    and radius r act on (docs/method.md, section 4)."""
+    ranks = sorted({1, cfa.K, cfa.K + cfa.J} | ({cfa.K + 1} if cfa.J else set()))
+    found = []
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        found.append(cfa.nearest(cfa.flatten_patches(cfa.describe(batch["image"])), ranks[-1])[0])
+    d = torch.cat(found)
+    q = torch.tensor([0.25, 0.5, 0.75])
+    return {k: torch.quantile(d[:, k - 1], q) for k in ranks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--category", required=True)
@@ -81,6 +101,13 @@ def main() -> None:
     parser.add_argument("--image-scores", action="store_true", help="compare image scores")
     parser.add_argument("--identity-phi", action="store_true", help="phi = the raw taps")
     parser.add_argument("--support", type=int, default=9, help="PatchCore's re-weighting support")
+    parser.add_argument(
+        "--distances",
+        type=int,
+        default=0,
+        metavar="B",
+        help="print distance quartiles over the first B bank batches",
+    )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides")
     args = parser.parse_args()
     if args.scale is not None and "model.tap_norm=true" in args.overrides:
@@ -124,6 +151,12 @@ def main() -> None:
           f"{', identity phi' if args.identity_phi else ''}: "
           f"{model.model.bank.n_centres} centres built in {build:.1f} s; image AUROC / pixel AUROC "
           f"/ AUPRO {' / '.join(f'{m:.3f}' for m in metrics)}")  # fmt: skip
+    if args.distances:
+        quartiles = distance_quantiles(model.model.eval(), datamodule.bank_dataloader(),
+                                       args.distances)  # fmt: skip
+        print("squared distance to the k-th nearest centre, quartiles over bank patches: "
+              + "; ".join(f"k={k} " + " / ".join(f"{v:.4g}" for v in q.tolist())
+                          for k, q in quartiles.items()))  # fmt: skip
     if args.image_scores:
         aurocs = image_score_aurocs(model.model.eval(), datamodule.test_dataloader(), args.support)
         print("image AUROC by image score: "

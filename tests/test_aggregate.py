@@ -117,3 +117,14 @@ def test_validated_runs_that_stop_at_other_epochs_share_one_table(tmp_path):
     assert "at most 30 epochs" in text
     assert "tested: best validated epoch (val/pixel_AUPRO, max)" in text
     assert "| cookies | 92.0 ± 1.4 |" in text and text.count("| 0, 1 | 3, 5 |") == 1
+
+
+def test_jobs_that_differ_in_k_get_their_own_tables(sweep):
+    for k in (1, 3):
+        _write(sweep, f"8_k{k}", **{"backbone": "r18", "image_size": 256, "status": "ok"},
+               category="bottle", seed=0, K=k, J=3, alpha=0.1,
+               metrics={"test/image_AUROC": 0.9})  # fmt: skip
+    runs = aggregate.load_runs([sweep])
+    text = aggregate.markdown(runs, aggregate.summarise(runs))
+    assert "; K 1, J 3, alpha 0.1." in text and "; K 3, J 3, alpha 0.1." in text
+    assert len(aggregate.summarise(runs)) == 4  # the two older settings and one per K

@@ -113,6 +113,9 @@ def test_multirun_over_radius_and_gamma_c(tmp_path):
         (r["radius_init"], r["gamma_c"]) for r in map(lambda p: json.loads(p.read_text()), results)
     }
     assert seen == {(1e-5, 1), (1e-5, 4), (1e-3, 1), (1e-3, 4)}
+    assert {
+        (r["K"], r["J"], r["alpha"]) for r in map(lambda p: json.loads(p.read_text()), results)
+    } == {(1, 3, 0.1)}  # aggregate.py tells a K sweep's settings apart by these
     assert any("model.gamma_c=4" in p.parent.name for p in results)  # folders name the values
 
 

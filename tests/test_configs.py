@@ -32,7 +32,9 @@ def test_experiment_composes(hydra_ctx, experiment):
 
 def test_paper_defaults(hydra_ctx):
     cfg = compose("train", overrides=["+experiment=wide_resnet50"])
-    paper = {"K": 3, "J": 3, "alpha": 0.1, "nu": 1e-3, "radius": 1e-5, "gamma_c": 1, "gamma_d": 1,
+    assert cfg.model.K == 1  # the validated default's; the paper's protocol restores 3
+    assert compose("train", overrides=["+experiment=wide_resnet50", "+protocol=paper"]).model.K == 3
+    paper = {"J": 3, "alpha": 0.1, "nu": 1e-3, "radius": 1e-5, "gamma_c": 1, "gamma_d": 1,
              "learn_radius": True, "lr": 1e-3, "weight_decay": 5e-4, "amsgrad": True}  # fmt: skip
     assert {k: cfg.model[k] for k in paper} == paper
     assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4

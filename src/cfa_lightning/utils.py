@@ -98,6 +98,9 @@ def job_info(cfg: DictConfig) -> dict[str, Any]:
         "bank": plain(cfg.model.get("bank")),
         "gamma_d": cfg.model.gamma_d,
         "radius_init": cfg.model.radius,
+        "K": cfg.model.K,
+        "J": cfg.model.J,
+        "alpha": cfg.model.alpha,
         "job": output_dir().name,
     }
     if HydraConfig.initialized():
