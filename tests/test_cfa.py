@@ -152,3 +152,43 @@ def test_forward_and_the_loss_selection_trace_without_graph_breaks():
     compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(images)
     select = torch.compile(model.select, fullgraph=True, backend="eager")(p)
     assert torch.equal(compiled.maps, eager.maps) and torch.equal(select, eager_idx)
+
+
+def _every_patch_bank(n_images=4, size=1.0):
+    """A coreset of every patch of the training images: each patch's own copy is in the bank."""
+    torch.manual_seed(3)
+    model = CFA(Backbone("resnet18", pretrained=False), input_size=(32, 32), K=1, J=3,
+                bank={"construction": "coreset", "size": size})  # fmt: skip
+    images, ids = torch.rand(n_images, 3, 32, 32), torch.arange(n_images) + 50
+    model.bank.update(model.describe(images), ids)
+    model.bank.finalize()
+    return model, images, ids
+
+
+@pytest.mark.parametrize("chunk_bytes", [256 * 2**20, 20000])
+def test_own_copies_leave_the_training_search(chunk_bytes):
+    model, images, ids = _every_patch_bank()
+    model.chunk_bytes = chunk_bytes  # 20000 bytes: a few patch rows per block
+    with torch.no_grad():
+        alone, _ = model.loss(images)  # each patch finds itself: only the radius term is left
+        fast, _ = model.loss(images, owners=ids)
+        naive, _ = model.loss(images, owners=ids, naive=True)
+        p = model.flatten_patches(model.describe(images)).double()
+        d = torch.cdist(p, model.bank.centres.double()).pow(2)  # (N, M)
+        own = ids.repeat_interleave(p.shape[0] // 4).unsqueeze(1) == model.bank.owners
+        ref = d.masked_fill(own, float("inf")).topk(4, dim=1, largest=False).values
+    assert alone.abs() < 1e-3 * fast  # the bank's own copies: no pull at all
+    assert torch.allclose(fast, model.loss_fn(ref.float()), rtol=1e-4)
+    assert torch.allclose(naive, fast, rtol=1e-4)
+    # the scores of a test image (no owner) are not affected: forward never excludes
+    assert torch.allclose(model(images).image_scores, torch.zeros(4), atol=1e-3)
+
+
+def test_bank_that_leaves_an_image_too_few_other_centres_is_refused():
+    model, _, _ = _every_patch_bank(n_images=2, size=1.0)
+    model.check_own_copies()  # 64 patches each: 64 others left for K + J = 4
+    model, _, _ = _every_patch_bank(n_images=1, size=1.0)  # one image owns every centre
+    with pytest.raises(
+        ValueError, match=r"model.bank.size gives 64 centres.*owns 64.*K \+ model.J = 4"
+    ):
+        model.check_own_copies()

@@ -38,7 +38,7 @@ def test_paper_defaults(hydra_ctx):
              "learn_radius": True, "lr": 1e-3, "weight_decay": 5e-4, "amsgrad": True}  # fmt: skip
     assert {k: cfg.model[k] for k in paper} == paper
     assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4
-    assert cfg.data.image_size == 256 and cfg.data.pixels == 256 * 256  # auto stays an option
+    assert cfg.data.image_size == "auto" and cfg.data.pixels == 256 * 256  # the default rule
     assert cfg.backbone.name.startswith("wide_resnet50_2")
 
 

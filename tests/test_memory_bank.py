@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cfa_lightning.models.memory_bank import MemoryBank, greedy_coreset, kmeans
+from cfa_lightning.models.memory_bank import NO_OWNER, MemoryBank, greedy_coreset, kmeans
 
 
 def test_mean_is_exact_for_uneven_batches():
@@ -22,8 +22,9 @@ def test_mean_is_exact_for_uneven_batches():
 def test_kmeans_gives_exact_count_and_is_seeded():
     torch.manual_seed(0)
     x = torch.cat([torch.randn(20, 4) + 10 * i for i in range(3)])
-    c1 = kmeans(x, 3, seed=1)
-    c2 = kmeans(x, 3, seed=1)
+    c1, labels = kmeans(x, 3, seed=1)
+    c2, _ = kmeans(x, 3, seed=1)
+    assert labels.shape == (60,) and len(set(labels.tolist())) == 3
     assert c1.shape == (3, 4)
     assert torch.equal(c1, c2)
     # three well separated blobs: every blob mean is found
@@ -34,7 +35,7 @@ def test_kmeans_gives_exact_count_and_is_seeded():
 def test_kmeans_with_duplicates_keeps_count():
     x = torch.zeros(10, 3)
     x[5:] = 1.0
-    c = kmeans(x, 4, seed=0)
+    c, _ = kmeans(x, 4, seed=0)
     assert c.shape == (4, 3)
     assert torch.isfinite(c).all()
 
@@ -45,8 +46,9 @@ def test_bank_gamma_c_compresses_and_is_a_buffer():
     bank.update(torch.randn(2, 2, 4, 4))
     bank.finalize()
     state = bank.state_dict()
-    assert set(state) == {"centres", "fitted"}  # the running sums are no buffers
-    assert {name for name, _ in bank.named_buffers()} == {"centres", "fitted"}
+    assert set(state) == {"centres", "fitted", "owners"}  # the running sums are no buffers
+    assert {name for name, _ in bank.named_buffers()} == {"centres", "fitted", "owners"}
+    assert (bank.owners == NO_OWNER).all()  # a positional mean copies no one image
     restored = MemoryBank(dim=2, height=4, width=4, gamma_c=4)
     restored.load_state_dict(state)
     assert torch.equal(restored.centres, bank.centres) and bool(restored.fitted)
@@ -155,3 +157,47 @@ def test_bad_bank_options_name_the_option_and_the_largest_valid_value():
     bank = MemoryBank(3, 4, 5, construction="coreset", size=500, max_patches=100)
     with pytest.raises(ValueError, match=r"model.bank.size=500.*largest valid size is 96"):
         bank.centres_for(6)  # 6 images x 20 patches = 120; the pool keeps 100 // 6 = 16 of each
+
+
+def _owned_batches(n_images: int, dim: int = 3, side: int = 2):
+    torch.manual_seed(0)
+    feats = torch.randn(n_images, dim, side, side)
+    return feats, torch.arange(100, 100 + n_images)  # image ids
+
+
+def test_coreset_centres_know_their_image():
+    feats, ids = _owned_batches(5)
+    bank = MemoryBank(dim=3, height=2, width=2, construction="coreset", size=8)
+    bank.update(feats[:3], ids[:3])
+    bank.update(feats[3:], ids[3:])
+    bank.finalize()
+    patches = feats.flatten(2).transpose(1, 2)  # (5, 4, 3)
+    for centre, owner in zip(bank.centres, bank.owners, strict=True):
+        image = int(owner) - 100
+        assert 0 <= image < 5
+        assert (patches[image] - centre).abs().sum(dim=1).min() == 0  # a patch of that image
+
+
+def test_kmeans_cluster_of_one_image_is_owned_and_mixed_ones_are_not():
+    # image 0's patches sit far apart from everything; images 1-3 share one blob
+    feats = torch.zeros(4, 2, 1, 2)
+    feats[0, :, 0, 0], feats[0, :, 0, 1] = 100.0, 100.5
+    feats[1:] = torch.randn(3, 2, 1, 2) * 0.01
+    bank = MemoryBank(dim=2, height=1, width=2, construction="kmeans", size=2)
+    bank.update(feats, torch.tensor([7, 8, 9, 10]))
+    bank.finalize()
+    far = bank.centres.norm(dim=1).argmax()
+    assert int(bank.owners[far]) == 7
+    assert int(bank.owners[1 - far]) == NO_OWNER
+    assert bank.most_owned() == 1
+
+
+def test_checkpoint_without_owners_loads_with_none_owned():
+    bank = MemoryBank(dim=2, height=2, width=2, construction="coreset", size=3)
+    bank.update(torch.randn(2, 2, 2, 2), torch.tensor([1, 2]))
+    bank.finalize()
+    state = {k: v for k, v in bank.state_dict().items() if k != "owners"}  # an older checkpoint
+    restored = MemoryBank(dim=2, height=2, width=2, construction="coreset", size=3)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.centres, bank.centres)
+    assert (restored.owners == NO_OWNER).all() and restored.most_owned() == 0

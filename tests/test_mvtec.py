@@ -451,21 +451,46 @@ def _mixed_shapes(root: Path, shapes: list[tuple[int, int]]) -> Path:
     return root
 
 
-def test_auto_size_follows_the_median_training_image(tmp_path, caplog):
-    shapes = [(100, 250)] * 4 + [(120, 300)] * 3 + [(400, 400)] * 2  # median 120 x 300
+def test_auto_size_keeps_an_aspect_the_training_images_share(tmp_path, caplog):
+    shapes = [(100, 250)] * 4 + [(120, 300)] * 4 + [(122, 300)]  # H / W 0.40-0.41
     root = _mixed_shapes(tmp_path, shapes)
     dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=4096, val_fraction=0.0,
                          download={"enabled": False})  # fmt: skip
     with caplog.at_level("INFO", logger="cfa_lightning.data"):
         size = dm.choose_image_size(16, "resnet18")
     assert size == (48, 96)  # ideal 40.5 x 101.2 at 4096 px, sides rounded to 16
-    assert "training images 120x300 (H x W, median of 9): model input 48x96" in caplog.text
-    assert dm.auto_size == {"pixels": 4096, "median_image": [120, 300], "stride": 16,
-                            "image_size": [48, 96], "images": 9}  # fmt: skip
+    assert "9 training images, their aspects agree" in caplog.text
+    assert "model input 48x96" in caplog.text
+    assert dm.auto_size["rule"] == "kept aspect" and dm.auto_size["image_size"] == [48, 96]
+    assert dm.auto_size["images"] == 9 and dm.auto_size["median_aspect"] == 0.4
     assert dm.hparams["image_size"] == [48, 96]  # what the checkpoint stores
     dm.setup("fit")
     assert dm.train_set[0]["image"].shape == (3, 48, 96)
     assert dm.test_set[0]["mask"].shape == (1, 48, 96)
+
+
+def test_auto_size_is_square_when_the_aspects_vary_and_says_why(tmp_path, caplog):
+    root = _mixed_shapes(tmp_path, [(100, 250)] * 4 + [(300, 120)] * 3 + [(200, 200)] * 2)
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=4096, val_fraction=0.0,
+                         download={"enabled": False})  # fmt: skip
+    with caplog.at_level("INFO", logger="cfa_lightning.data"):
+        assert dm.choose_image_size(16) == (64, 64)
+    assert "their aspects vary (H/W 0.4 to 2.5" in caplog.text and "input is square" in caplog.text
+    assert dm.auto_size["rule"] == "square"
+
+
+def test_auto_size_follows_the_exif_orientation(tmp_path):
+    root = _mixed_shapes(tmp_path, [(64, 128)] * 4)  # stored landscape
+    for path in (root / "mixed" / "train" / "good").glob("*.png"):
+        image = Image.open(path).convert("RGB")
+        exif = image.getexif()
+        exif[0x0112] = 6  # shown turned by 90 degrees: portrait
+        image.save(path, exif=exif)
+    dm = MVTecDataModule(str(root), "mixed", image_size="auto", pixels=8192, val_fraction=0.0,
+                         download={"enabled": False})  # fmt: skip
+    assert dm.choose_image_size(16) == (128, 64)
+    dm.setup("fit")
+    assert dm.train_set[0]["image"].shape == (3, 128, 64)  # read upright, as measured
 
 
 def test_auto_size_measures_only_the_readable_images(tmp_path):

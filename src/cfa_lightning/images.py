@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "MIN_IMAGE_SIDE", "array_to_pil", "image_hw", "load_mask",
-           "load_rgb", "to_mask_l", "to_rgb"]  # fmt: skip
+           "load_rgb", "to_mask_l", "to_rgb", "upright"]  # fmt: skip
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Smallest image side (pixels) accepted: below it an image carries too little detail to be
@@ -30,12 +30,24 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # decode now so truncated files fail here, not in a worker later
-            return img.copy()  # the file closes on exit; keep decoded pixels and info
+            return upright(img.copy())  # the file closes on exit; keep decoded pixels and info
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(
             f"cannot read {what} file {path}: {err}. The file is corrupt, truncated or not "
             "an image; re-extract or re-download it, or remove it from the dataset folder."
         ) from err
+
+
+# The EXIF orientation tag: 1 is upright; 5 to 8 turn the stored image by 90 degrees.
+_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (a phone's portrait JPEG is
+    stored sideways with a tag). Training, predict and deploy all read images through here."""
+    if image.getexif().get(_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _scale_to_uint8(values: np.ndarray, full_range: tuple[float, float]) -> np.ndarray:
@@ -83,8 +95,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     full range (65535 -> 255), not clipped; images with transparency (RGBA, LA, PA,
     P with a transparent colour) are composited on black, so fully transparent
     pixels become black whatever colour they stored; CMYK/YCbCr/HSV/LAB use PIL's
-    conversion.
+    conversion. The EXIF orientation is applied first (`upright`), also to images given in memory.
     """
+    image = upright(image)
     mode = image.mode
     if mode == "RGB":
         return image
@@ -154,10 +167,12 @@ def array_to_pil(a: np.ndarray) -> Image.Image:
 
 
 def image_hw(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) of an image file, read from its header without decoding the pixels."""
+    """(H, W) of an image file as it is shown (after its EXIF orientation), read from its header
+    without decoding the pixels."""
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            turned = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+            return (img.width, img.height) if turned else (img.height, img.width)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(
             f"cannot read image file {path}: {err}. The file is corrupt, truncated or not an "

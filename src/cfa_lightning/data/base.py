@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from ..images import image_hw
-from ..sizes import MAX_ASPECT, auto_input_size, is_auto, square_side
+from ..sizes import MAX_ASPECT, aspect_rule, auto_input_size, is_auto, square_side
 from .dataset import AnomalyDataset
 from .layout import Sample
 from .transforms import ImageMaskTransform
@@ -169,32 +168,40 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         self.hparams["image_size"] = list(size)
 
     def choose_image_size(self, stride: int, backbone: str = "the backbone") -> tuple[int, int]:
-        """``data.image_size=auto``: (H, W) shaped like the median training image at
-        ``data.pixels`` pixels, each side a multiple of ``stride`` (the largest tap stride)."""
+        """``data.image_size=auto``: (H, W) of about ``data.pixels`` pixels, each side a multiple
+        of ``stride`` (the largest tap stride), shaped like the training images when their
+        aspects agree and square when they vary (`sizes.aspect_rule`)."""
         if self.transform is not None:
             return self.transform.image_size
         train, _, _ = self._verified_samples()
-        sizes = [image_hw(s.path) for s in train]  # (H, W) of each training image
-        median = (round(statistics.median(h for h, _ in sizes)),
-                  round(statistics.median(w for _, w in sizes)))  # fmt: skip
-        size = auto_input_size(median, self.pixels, stride)
+        rule = aspect_rule([image_hw(s.path) for s in train])  # (H, W) after EXIF orientation
+        size = auto_input_size(rule["aspect"], self.pixels, stride)
         self._set_image_size(size)
-        self.auto_size = {"pixels": self.pixels, "median_image": list(median), "stride": stride,
-                          "image_size": list(size), "images": len(sizes)}  # fmt: skip
+        self.auto_size = {"pixels": self.pixels, "stride": stride, "image_size": list(size),
+                          **{k: v for k, v in rule.items() if k != "aspect"}}  # fmt: skip
         self.hparams["auto_size"] = dict(self.auto_size)
+        low, high = rule["aspect_range"]
+        why = (
+            f"their aspects agree ({rule['quantile']:.0%} within {rule['tolerance']:g}x of the "
+            f"median H/W {rule['median_aspect']:.3g}): the input keeps that aspect"
+            if rule["rule"] == "kept aspect"
+            else f"their aspects vary (H/W {low:.3g} to {high:.3g}; {rule['quantile']:.0%} of them "
+            f"within {rule['spread']:.3g}x of the median, beyond {rule['tolerance']:g}x): the "
+            "input is square"
+        )
         log.info(
-            "training images %dx%d (H x W, median of %d): model input %dx%d (data.pixels=%d; "
-            "sides multiples of %d, the largest tap stride of %s)",
-            *median, len(sizes), *size, self.pixels, stride, backbone,
+            "data.image_size=auto: %d training images, %s; model input %dx%d (H x W, "
+            "data.pixels=%d, sides multiples of %d, the largest tap stride of %s)",
+            len(train), why, *size, self.pixels, stride, backbone,
         )  # fmt: skip
-        aspect = max(median) / min(median)
+        aspect = max(rule["aspect"], 1.0 / rule["aspect"])
         if aspect > MAX_ASPECT:
             log.warning(
-                "the training images are %dx%d (H x W, median), an aspect ratio of %.1f:1, beyond "
-                "%g:1: the model input %dx%d leaves the short side few pixels. Set the size "
-                "yourself with data.image_size=[H, W], or cut the images into tiles of a "
-                "moderate aspect and train on those.",
-                *median, aspect, MAX_ASPECT, *size,
+                "the training images have an aspect ratio of %.1f:1, beyond %g:1: the model input "
+                "%dx%d leaves the short side few pixels. Set the size yourself with "
+                "data.image_size=[H, W], or cut the images into tiles of a moderate aspect and "
+                "train on those.",
+                aspect, MAX_ASPECT, *size,
             )  # fmt: skip
         return size
 

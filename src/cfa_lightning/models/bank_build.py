@@ -11,7 +11,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from ..distributed import reduce_bank_statistics, shard_loader, world_and_rank
+from ..distributed import all_gather_rows, reduce_bank_statistics, shard_loader, world_and_rank
+from .memory_bank import NO_OWNER, image_ids
 
 
 @torch.no_grad()
@@ -45,15 +46,25 @@ def build_bank(module: Any, loader: Any) -> float:
             taps = module.batch_taps(images, batch.get("image_path"))
             if i == 0 and module.model.descriptor.tap_norm:
                 fit_tap_scales(module.model.descriptor, taps, world)
-            bank.update(module.model.describe(images, taps))
+            owners = image_ids(batch.get("image_path"), len(images))
+            bank.update(module.model.describe(images, taps), owners)
     stats, count = reduce_bank_statistics(*bank.statistics(), bank.pooled)
-    bank.finalize(stats, count)
+    owners = all_gather_rows(bank.pool_owners()) if bank.pooled else None  # like the pool
+    bank.finalize(stats, count, owners)
     if world > 1:
         torch.distributed.broadcast(bank.centres, src=0)
+        torch.distributed.broadcast(bank.owners, src=0)
+    module.model.check_own_copies()
     seconds = time.perf_counter() - start
+    owned = int((bank.owners != NO_OWNER).sum())
     rank_zero_info(
         f"memory bank ({bank.construction}) built from {int(count)} training images in "
         f"{seconds:.1f} s: {bank.n_centres} centres of {bank.dim} dims"
+        + (
+            f"; {owned} are one image's own copies, left out of that image's search"
+            if owned
+            else ""
+        )
     )
     return seconds
 

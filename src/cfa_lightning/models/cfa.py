@@ -13,6 +13,7 @@ from .backbone import Backbone
 from .calibration import Calibration
 from .descriptor import PatchDescriptor
 from .distances import (
+    Exclusion,
     block_budget,
     nearest,
     row_bytes,
@@ -22,7 +23,7 @@ from .distances import (
 )
 from .loss import CFALoss
 from .maps import CFAOutput, GaussianBlur, score_maps
-from .memory_bank import MemoryBank
+from .memory_bank import NO_OWNER, MemoryBank
 
 __all__ = ["CFA", "CFAOutput"]
 
@@ -91,6 +92,18 @@ class CFA(nn.Module):
                 f"{smallest_chunk_mb(m, dim, k)} or auto"
             )
 
+    def check_own_copies(self) -> None:
+        """Refuse a bank that would leave some training image fewer than K + J centres besides
+        its own copies (the loss leaves those out of the image's search)."""
+        k, m, owned = self.K + self.J, self.bank.n_centres, self.bank.most_owned()
+        if m - owned < k:
+            raise ValueError(
+                f"model.bank.size gives {m} centres, and one training image owns {owned} of them "
+                f"(its own patches), which leaves it {m - owned} centres from other images; the "
+                f"loss needs model.K + model.J = {k}. Raise model.bank.size, or use more "
+                "training images"
+            )
+
     def describe(self, images: Tensor, taps: list[Tensor] | None = None) -> Tensor:
         """phi(Z): (B, 3, H, W) -> (B, D', h, w). ``taps``: the frozen backbone's output for these
         images when the caller already has it (validation keeps it across epochs)."""
@@ -115,28 +128,42 @@ class CFA(nn.Module):
         naive: bool = False,
         with_output: bool = False,
         taps: list[Tensor] | None = None,
+        owners: Tensor | None = None,
     ) -> tuple[Tensor, CFAOutput | None]:
         """Training loss, and optionally the scores and maps of the same pass (no work twice).
 
         Fast path: top-(K + J) under no_grad (`select`), then only those distances recomputed
         with gradients. `naive=True` backpropagates through the full (patches x centres)
-        product; it is the reference the fast path is tested against.
+        product; it is the reference the fast path is tested against. ``owners``: the images'
+        ids (B,) (`memory_bank.image_ids`); each patch's search then leaves out the centres
+        its own image owns (a training image's own copies, memory_bank.py).
         """
         self._require_bank()
         desc = self.describe(images, taps)  # (B, D', h, w)
         p = self.flatten_patches(desc)  # (N, D')
         centres = self.bank.centres  # (M, D')
         k = self.K + self.J
+        exclude = self._exclusion(owners, desc.shape[-2] * desc.shape[-1])
         if naive:
             d_all = squared_distances(p, centres)  # (N, M), with autograd
+            if exclude is not None:
+                own = exclude.patches.unsqueeze(1) == exclude.centres  # (N, M)
+                d_all = d_all.masked_fill(own, float("inf"))
             sorted_sq = torch.topk(d_all, k, dim=1, largest=False, sorted=True).values
         else:
-            idx = self.select(p.detach())  # (N, K + J)
+            idx = self.select(p.detach(), exclude)  # (N, K + J)
             sorted_sq = selected_squared_distances(p, centres, idx)  # (N, K + J), ascending
         loss = self.loss_fn(sorted_sq)
         if not with_output:
             return loss, None
         return loss, self._output(sorted_sq.detach()[:, : self.K], desc.shape, images.shape[-2:])
+
+    def _exclusion(self, owners: Tensor | None, hw: int) -> Exclusion | None:
+        """The (patch, centre) pairs a batch's search leaves out; None when no centre is owned."""
+        centre_owners = self.bank.owners  # (M,)
+        if owners is None or not bool((centre_owners != NO_OWNER).any()):
+            return None
+        return Exclusion(owners.to(centre_owners.device).repeat_interleave(hw), centre_owners)
 
     def _output(self, nearest_sq: Tensor, desc_shape, out_size) -> CFAOutput:
         """(N, K) nearest squared distances -> float32 image scores and maps at out_size."""
@@ -150,12 +177,12 @@ class CFA(nn.Module):
         nearest_sq, _ = self.nearest(p, self.K)
         return self._output(nearest_sq, desc.shape, images.shape[-2:])
 
-    def select(self, p: Tensor) -> Tensor:
+    def select(self, p: Tensor, exclude: Exclusion | None = None) -> Tensor:
         """The loss's no-grad step: indices (N, K + J) of each patch's K + J nearest centres."""
-        return self.nearest(p, self.K + self.J)[1]
+        return self.nearest(p, self.K + self.J, exclude)[1]
 
-    def nearest(self, p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def nearest(self, p: Tensor, k: int, exclude: Exclusion | None = None) -> tuple[Tensor, Tensor]:
         """k nearest centres of (N, D') patches: squared distances (float32, direct differences,
         ascending) and indices, both (N, k); see distances.py."""
         budget = block_budget(self.chunk_bytes, p.device)
-        return nearest(p, self.bank.search_index(), k, budget)
+        return nearest(p, self.bank.search_index(), k, budget, exclude)

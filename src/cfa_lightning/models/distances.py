@@ -34,6 +34,14 @@ MARGIN = 4  # extra candidates re-ranked by direct differences (tests/test_dista
 DIRECT_ROWS = 256  # rows per sub-block of the direct differences (blocked searches only)
 
 
+class Exclusion(NamedTuple):
+    """Pairs the search leaves out (training on a bank of own copies, memory_bank.py): patch n
+    never finds centre m when ``patches[n] == centres[m]``."""
+
+    patches: Tensor  # (N,) int64: the image of each patch
+    centres: Tensor  # (M,) int64: the image each centre copies, -1 for none
+
+
 class SearchIndex(NamedTuple):
     """The bank prepared once for `nearest` (cached by `MemoryBank.search_index`)."""
 
@@ -113,12 +121,14 @@ def direct_sq_distances(p: Tensor, centres: Tensor, idx: Tensor) -> Tensor:
 
 
 def _nearest_block(
-    p: Tensor, index: SearchIndex, k: int, sub_rows: int | None
+    p: Tensor, index: SearchIndex, k: int, sub_rows: int | None, exclude: Exclusion | None = None
 ) -> tuple[Tensor, Tensor]:
     """Rank by the centred expanded form, re-rank the best k + MARGIN by direct differences
     (in sub-blocks of sub_rows rows; None: all rows at once, for exported graphs)."""
     x = p - index.mean  # (n, D')
     ranking = torch.addmm(index.centred_sq.unsqueeze(0), x, index.centred.t(), alpha=-2.0)  # (n, M)
+    if exclude is not None:  # a patch never ranks its own image's copies
+        ranking.masked_fill_(exclude.patches.unsqueeze(1) == exclude.centres, float("inf"))
     c = candidates(k, ranking.shape[1])
     cand = torch.topk(ranking, c, dim=1, largest=False, sorted=False).indices  # (n, c)
     n = p.shape[0]
@@ -129,17 +139,23 @@ def _nearest_block(
             direct_sq_distances(p[s : s + sub_rows], index.centres, cand[s : s + sub_rows])
             for s in range(0, n, sub_rows)
         ])  # fmt: skip
+    if exclude is not None:  # nor keeps one that a short list of others let in
+        d.masked_fill_(exclude.centres[cand] == exclude.patches.unsqueeze(1), float("inf"))
     values, j = torch.topk(d, k, dim=1, largest=False, sorted=True)
     return values, cand.gather(1, j)
 
 
 @torch.no_grad()
 def nearest(
-    p: Tensor, index: SearchIndex, k: int, budget_bytes: int | None
+    p: Tensor,
+    index: SearchIndex,
+    k: int,
+    budget_bytes: int | None,
+    exclude: Exclusion | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The k nearest centres of (N, D') patches: squared distances (float32, direct differences,
     ascending) and centre indices, both (N, k). budget_bytes=None: one block (exported graphs,
-    whose batch size stays dynamic)."""
+    whose batch size stays dynamic). ``exclude``: pairs left out (training only)."""
     n_centres, dim = index.centres.shape
     if k > n_centres:
         raise ValueError(
@@ -152,9 +168,19 @@ def nearest(
         step = n if budget_bytes is None else block_rows(n_centres, dim, k, budget_bytes)
         sub = None if budget_bytes is None else DIRECT_ROWS
         if step >= n:
-            return _nearest_block(p, index, k, sub)
-        blocks = [_nearest_block(p[s : s + step], index, k, sub) for s in range(0, n, step)]
+            return _nearest_block(p, index, k, sub, exclude)
+        blocks = [
+            _nearest_block(p[s : s + step], index, k, sub, _rows(exclude, s, step))
+            for s in range(0, n, step)
+        ]
         return torch.cat([v for v, _ in blocks]), torch.cat([i for _, i in blocks])
+
+
+def _rows(exclude: Exclusion | None, start: int, step: int) -> Exclusion | None:
+    """The exclusion of one block of patch rows."""
+    if exclude is None:
+        return None
+    return Exclusion(exclude.patches[start : start + step], exclude.centres)
 
 
 def squared_distances(p: Tensor, centres: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from .bank_build import build_bank
 from .calibration import ValidationCalibrator
 from .cfa import CFA
 from .distances import chunk_budget_bytes
+from .memory_bank import image_ids
 from .tap_cache import TapCache, tap_cache_bytes
 from .untrained_epoch import UntrainedEpoch
 from .validation import ValidationEpoch
@@ -175,8 +176,9 @@ class CFALitModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.untrained.active(self.current_epoch):
             return self.untrained.zero_loss(self)
-        images = batch["image"]
-        loss, _ = self.model.loss(images, taps=self.batch_taps(images, batch.get("image_path")))
+        images, paths = batch["image"], batch.get("image_path")
+        owners = image_ids(paths, len(images), images.device)  # own copies leave the search
+        loss, _ = self.model.loss(images, taps=self.batch_taps(images, paths), owners=owners)
         bs = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         radius = self.model.loss_fn.radius.detach()

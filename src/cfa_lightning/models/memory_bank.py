@@ -5,12 +5,18 @@ Three constructions (config group ``model/bank``):
   (h * w centres, the authors' code), optionally compressed by k-means to (h * w) // gamma_c;
 - ``kmeans``: k-means over the patches of all bank images (the paper's text);
 - ``coreset``: greedy k-center selection over the same patches: the centres are real patches.
+
+A centre made from one training image's patches alone (a coreset's real patch, a k-means cluster
+of one image) is that image's own copy: ``owners`` records the image, and the loss leaves it out
+of that image's search (docs/method.md, "own copies"), so adaptation is not pulled back to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +35,32 @@ RETIRED_BUFFERS = (
     "_count",
 )
 CONSTRUCTIONS = ("positional", "kmeans", "coreset")
+NO_OWNER = -1  # a centre made from several images (a positional mean, a mixed k-means cluster)
 
 
-def kmeans(x: Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0) -> Tensor:
-    """k-means of x (N, D) into n_clusters centres (float32), with faiss's seeded k-means.
+def image_ids(paths: Sequence[str] | None, n: int, device: torch.device | None = None) -> Tensor:
+    """(n,) int64 ids of a batch's images: a hash of each path, the same on every rank and in
+    every epoch; NO_OWNER where the batch carries no paths."""
+    if paths is None:
+        return torch.full((n,), NO_OWNER, dtype=torch.long, device=device)
+    ids = [int.from_bytes(hashlib.blake2b(str(p).encode(), digest_size=8).digest(), "little") >> 1
+           for p in paths]  # fmt: skip
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def cluster_owners(labels: Tensor, point_owners: Tensor, n_clusters: int) -> Tensor:
+    """(n_clusters,) the image whose patches alone form each cluster, NO_OWNER for a cluster of
+    several images (or none). labels, point_owners: (P,) int64."""
+    low = torch.full((n_clusters,), torch.iinfo(torch.long).max, dtype=torch.long)
+    high = torch.full((n_clusters,), torch.iinfo(torch.long).min, dtype=torch.long)
+    low = low.scatter_reduce(0, labels, point_owners, "amin")
+    high = high.scatter_reduce(0, labels, point_owners, "amax")
+    return torch.where(low == high, low, torch.full_like(low, NO_OWNER))
+
+
+def kmeans(x: Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """k-means of x (N, D) into n_clusters centres (float32), with faiss's seeded k-means;
+    returns the centres and each point's cluster (N,) int64 (on the CPU).
 
     faiss, not a Lloyd's loop of our own (experiments/results/speed.md, k-means for the bank).
     Empty clusters are refilled by splitting large ones, so the count is always
@@ -53,7 +81,8 @@ def kmeans(x: Tensor, n_clusters: int, n_iter: int = 20, seed: int = 0) -> Tenso
         max_points_per_centroid=max(1, -(-m // n_clusters)),  # every point, no subsample
     )
     km.train(data)
-    return torch.from_numpy(km.centroids.copy()).to(x.device)
+    _, labels = km.index.search(data, 1)  # (N, 1): each point's nearest final centre
+    return torch.from_numpy(km.centroids.copy()).to(x.device), torch.from_numpy(labels[:, 0])
 
 
 def greedy_coreset(x: Tensor, n: int, seed: int = 0, projection_dim: int | None = 128) -> Tensor:
@@ -180,6 +209,8 @@ class MemoryBank(nn.Module):
         n_centres = bank_size(size, construction, height, width, gamma_c)  # M, None: a fraction
         self.register_buffer("centres", torch.zeros(n_centres or height * width, dim))  # (M, D')
         self.register_buffer("fitted", torch.tensor(False))
+        # (M,) int64: the training image each centre copies, NO_OWNER if none (see the docstring)
+        self.register_buffer("owners", torch.full((self.centres.shape[0],), NO_OWNER))
         self._index_cache: dict = {}
         self.reset()
 
@@ -252,14 +283,16 @@ class MemoryBank(nn.Module):
         self._sum: Tensor | None = None  # positional: (D', h, w) float64
         self._count: Tensor | None = None  # () float64
         self._pool: list[Tensor] = []  # kmeans, coreset: [(n, D') float32]
+        self._pool_owners: list[Tensor] = []  # the image of each pooled patch: [(n,) int64]
         self._quota = (
             self.height * self.width if n_images is None else self.patches_per_image(n_images)
         )
         self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
 
     @torch.no_grad()
-    def update(self, descriptors: Tensor) -> None:
-        """Add a batch of phi outputs (B, D', h, w)."""
+    def update(self, descriptors: Tensor, owners: Tensor | None = None) -> None:
+        """Add a batch of phi outputs (B, D', h, w); ``owners``: the images' ids (B,) int64
+        (`image_ids`; None: unknown, no centre will be left out of any image's search)."""
         shape = (self.dim, self.height, self.width)
         if tuple(descriptors.shape[1:]) != shape:
             raise ValueError(
@@ -272,7 +305,11 @@ class MemoryBank(nn.Module):
         self._count += descriptors.shape[0]
         if self.pooled:
             patches = descriptors.float().flatten(2).transpose(1, 2)  # (B, h*w, D')
-            hw = patches.shape[1]
+            b, hw = patches.shape[:2]
+            if owners is None:
+                owners = torch.full((b,), NO_OWNER, dtype=torch.long)
+            quota = min(self._quota, hw)
+            self._pool_owners.append(owners.detach().cpu().long().repeat_interleave(quota))
             if self._quota < hw:
                 keep = torch.stack([torch.randperm(hw, generator=self._gen)[: self._quota]
                                     for _ in range(patches.shape[0])])  # fmt: skip
@@ -304,30 +341,46 @@ class MemoryBank(nn.Module):
                                device=device), count  # fmt: skip
         return self._sum, count
 
+    def pool_owners(self) -> Tensor:
+        """(P,) int64: the image of each pooled patch, in the pool's order (`statistics`)."""
+        if not self._pool_owners:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(self._pool_owners)
+
     @torch.no_grad()
-    def finalize(self, stats: Tensor | None = None, count: Tensor | None = None) -> None:
+    def finalize(
+        self, stats: Tensor | None = None, count: Tensor | None = None, owners: Tensor | None = None
+    ) -> None:
         """Centres from the statistics of the whole build (`statistics`, reduced over ranks by a
-        distributed caller; None: this process's own)."""
+        distributed caller; None: this process's own), and each centre's owner from the pool's
+        (`pool_owners`, gathered like the pool)."""
         if stats is None or count is None:  # a single process: its own statistics
             stats, count = self.statistics()
+            owners = self.pool_owners()
         n = count
         n_images = int(n)
         if n_images < 1:
             raise RuntimeError("memory bank has seen no training image; is the train split empty?")
         m = self.centres_for(n_images)
+        if self.pooled and (owners is None or owners.shape[0] != stats.shape[0]):
+            owners = torch.full((stats.shape[0],), NO_OWNER, dtype=torch.long)
+        centre_owners = torch.full((m,), NO_OWNER, dtype=torch.long)  # positional: means
         if self.construction == "positional":
             mean = (stats / n).to(torch.float32)  # (D', h, w)
             vectors = mean.flatten(1).transpose(0, 1).contiguous()  # (h*w, D')
             if self.gamma_c > 1:
-                vectors = kmeans(vectors, m, seed=self.seed)
+                vectors, _ = kmeans(vectors, m, seed=self.seed)
         elif self.construction == "kmeans":
-            vectors = kmeans(stats.float(), m, seed=self.seed)
+            vectors, labels = kmeans(stats.float(), m, seed=self.seed)
+            centre_owners = cluster_owners(labels, owners.cpu(), m)
         elif m == stats.shape[0]:  # every patch of the pool: nothing to select
-            vectors = stats.float()
+            vectors, centre_owners = stats.float(), owners.cpu()
         else:
             pool = stats.float()
-            vectors = pool[greedy_coreset(pool, m, self.seed, self.projection_dim).to(pool.device)]
+            chosen = greedy_coreset(pool, m, self.seed, self.projection_dim)
+            vectors, centre_owners = pool[chosen.to(pool.device)], owners.cpu()[chosen]
         self.centres = vectors.to(self.centres.device, torch.float32).contiguous()  # (M, D')
+        self.owners = centre_owners.to(self.centres.device)  # (M,)
         self._start_build(None)  # frees the build's temporaries
         self.fitted.fill_(True)
 
@@ -343,7 +396,16 @@ class MemoryBank(nn.Module):
         if resized and saved.shape[1] == self.dim:
             # A bank sized by a fraction of the patches: the checkpoint knows its row count.
             self.centres = self.centres.new_zeros(saved.shape)
+            self.owners = self.owners.new_full((saved.shape[0],), NO_OWNER)
+        if saved is not None and prefix + "owners" not in state_dict:
+            # Written before banks knew their owners: no centre is left out of any search.
+            state_dict[prefix + "owners"] = torch.full((saved.shape[0],), NO_OWNER)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def most_owned(self) -> int:
+        """The most centres any one training image owns: its search has M minus these left."""
+        owned = self.owners[self.owners != NO_OWNER]
+        return int(torch.unique(owned, return_counts=True)[1].max()) if owned.numel() else 0
 
     def search_index(self) -> SearchIndex:
         """Centred centres and their squared norms for `distances.nearest`, built once and cached
