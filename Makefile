@@ -2,10 +2,15 @@
 VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
+PEER_VENV   ?= .venv-peer
+PEER_PYTHON ?= $(PEER_VENV)/bin/python
+# anomalib 2.7.0 for make peer-bench: it needs `lightning`, so it never shares the project's venv.
+PEER_PACKAGES = torch==2.14.1 torchvision==0.29.1 anomalib==2.7.0
+PEER_MISSING = no anomalib at $(PEER_PYTHON): install the peer environment with `make peer-env` ($(SYSTEM_PYTHON) -m venv $(PEER_VENV) && $(PEER_PYTHON) -m pip install $(PEER_PACKAGES)), then run make peer-bench
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format demo train bench gpu-check bench-real clean
+.PHONY: help install test test-slow lint format demo train bench peer-env peer-bench gpu-check bench-real clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -40,6 +45,14 @@ train: ## Train and test, e.g. make train ARGS="+experiment=wide_resnet50 data.c
 
 bench: ## Speed/memory, fast path vs naive (quick: ~170 CPU-seconds; full grid: python experiments/benchmark.py)
 	$(PYTHON) experiments/benchmark.py --quick $(ARGS)
+
+peer-env: ## Create .venv-peer with anomalib 2.7.0 from PyPI, for peer-bench (never touches .venv)
+	$(SYSTEM_PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PYTHON) -m pip install $(PEER_PACKAGES)
+
+peer-bench: ## Our CFA vs anomalib's, alternating rounds: img/s, peak RSS (needs peer-env; not in test or CI)
+	$(if $(shell $(PEER_PYTHON) -c "import anomalib" 2>/dev/null && echo ok),,$(error $(PEER_MISSING)))
+	$(PYTHON) experiments/peer_speed.py --peer-python $(PEER_PYTHON) $(ARGS)
 
 gpu-check: ## Device, versions, bench cells, bf16 demo vs fp32, 2-job sweep (GPU machine: PYTHON=python3 ARGS="--wheels DIR")
 	$(PYTHON) experiments/gpu_check.py $(ARGS)
