@@ -10,7 +10,7 @@ PEER_MISSING = no anomalib at $(PEER_PYTHON): install the peer environment with 
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format demo train bench peer-env peer-bench gpu-check bench-real clean
+.PHONY: help install test test-slow lint format demo train bench peer-env peer-bench gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -56,9 +56,6 @@ peer-bench: ## Our CFA vs anomalib's, alternating rounds: img/s, peak RSS (needs
 
 gpu-check: ## Device, versions, bench cells, bf16 demo vs fp32, 2-job sweep (GPU machine: PYTHON=python3 ARGS="--wheels DIR")
 	$(PYTHON) experiments/gpu_check.py $(ARGS)
-
-bench-real: ## Real-data benchmark: lite0 on ../shared/data cookies and magnetic_tile (AUROC table)
-	$(PYTHON) experiments/real_data_benchmark.py $(ARGS)
 
 clean: ## Remove run outputs and caches (keeps the venv)
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 import benchmark  # experiments/benchmark.py, beside this script: its peak-memory tools
 from benchmark import status_mb
+from cfa_lightning.config import CONFIG_DIR
 from cfa_lightning.data import MVTecDataModule
 from cfa_lightning.models.lit_module import CFALitModule
 
@@ -54,7 +55,7 @@ def reset_peak() -> float:
 
 def backbone_config(name: str, random_weights: bool) -> dict:
     """The conf/backbone group whose timm model is `name` (tag ignored), as a plain dict."""
-    for path in sorted((ROOT / "conf" / "backbone").glob("*.yaml")):
+    for path in sorted((Path(CONFIG_DIR) / "backbone").glob("*.yaml")):
         cfg = OmegaConf.to_container(OmegaConf.load(path))
         if cfg["name"].split(".")[0] == name:
             return {**cfg, "pretrained": cfg["pretrained"] and not random_weights}

@@ -41,6 +41,7 @@ import torch
 from cfa_lightning.models.backbone import Backbone
 from cfa_lightning.models.cfa import CFA, CFAOutput
 from cfa_lightning.models.distances import squared_distances
+from cfa_lightning.models.maps import score_maps
 from cfa_lightning.models.memory_bank import CONSTRUCTIONS, bank_size
 
 BACKBONES = ["resnet18", "tf_efficientnet_lite0", "wide_resnet50_2"]
@@ -127,10 +128,11 @@ def build_bank(model: CFA, n_images: int, chunk: int) -> float:
 
 def naive_forward(model: CFA, images: torch.Tensor) -> CFAOutput:
     """Scores from the full (N, M) distance tensor, materialised at once."""
-    desc = model.describe(images)
+    desc = model.describe(images)  # (B, D', h, w)
+    b, _, h, w = desc.shape
     d = squared_distances(model.flatten_patches(desc), model.bank.centres)  # (N, M)
-    nearest = torch.topk(d, model.K, dim=1, largest=False).values
-    return model._output(nearest, desc.shape, images.shape[-2:])
+    nearest = torch.topk(d, model.K, dim=1, largest=False).values  # (N, K)
+    return score_maps(nearest, (b, h, w), images.shape[-2:], model.blur)
 
 
 def check_against_naive(model: CFA, images: torch.Tensor, autocast) -> dict[str, float]:

@@ -319,7 +319,7 @@ def refit_report(groups: dict, monitor: str, patience: int = 3) -> list[str]:
     return lines + [""]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--category", choices=["cookies", "metal_plate", "magnetic_tile"])
     parser.add_argument("--seed", type=int, default=0)
@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     parser.add_argument("--report", action="store_true", help="print the tables of --out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.report:
         print(report(args.out, args.monitor))
         return

@@ -90,7 +90,7 @@ def distance_quantiles(cfa, loader, batches: int) -> dict[int, Tensor]:
     return {k: torch.quantile(d[:, k - 1], q) for k in ranks}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--category", required=True)
     parser.add_argument("--bank", default="positional", choices=["positional", "kmeans", "coreset"])
@@ -109,7 +109,7 @@ def main() -> None:
         help="print distance quartiles over the first B bank batches",
     )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.scale is not None and "model.tap_norm=true" in args.overrides:
         parser.error("--scale and model.tap_norm=true: tap_norm would undo the scale; give one")
     torch.set_num_threads(args.threads)

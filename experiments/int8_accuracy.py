@@ -54,7 +54,7 @@ def evaluate(run, batches) -> tuple[dict[str, float], float]:
     return {k: float(result[k]) for k in KEYS}, seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, type=Path)
     parser.add_argument("--scopes", nargs="+", default=["backbone", "all"])
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--no-pytorch", action="store_true",
                         help="leave PyTorch out; onnxruntime fp32 (parity 1e-6) is the reference")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or args.ckpt.parent / "int8_accuracy"
     ckpt = load_checkpoint(args.ckpt)

@@ -52,12 +52,12 @@ def curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(epochs), values
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "experiments" / "results" / "drift")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures" / "drift_curves.png")
     parser.add_argument("--variants", nargs="+", default=list(COLOURS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     groups = load_runs(args.runs)
     categories = [c for c in CATEGORIES if any(k[0] == c for k in groups)]

@@ -65,7 +65,7 @@ def rate(run, batch: np.ndarray, seconds: float) -> float:
     return calls * len(batch) / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--calibration", type=Path,
                         default=ROOT.parent / "shared/data/cookies/train/good")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = (args.size, args.size)
     paths = sorted(args.calibration.glob("*.png"))

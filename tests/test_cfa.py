@@ -3,6 +3,7 @@ import torch
 
 from cfa_lightning.models.backbone import Backbone
 from cfa_lightning.models.cfa import CFA
+from cfa_lightning.models.maps import score_maps
 
 
 def _fitted(input_size=(64, 96), gamma_c=1, chunk_bytes=256 * 2**20, seed=0):
@@ -123,7 +124,7 @@ def test_kmeans_bank_fast_loss_and_maps_match_brute_force():
         p = model.flatten_patches(model.describe(images))
         d = torch.cdist(p.double(), model.bank.centres.double()).pow(2)
         ref = d.topk(model.K + model.J, dim=1, largest=False).values  # float64 brute force
-        ref_maps = model._output(ref[:, : model.K].float(), (5, 448, 16, 24), (64, 96)).maps
+        ref_maps = score_maps(ref[:, : model.K].float(), (5, 16, 24), (64, 96), model.blur).maps
     assert torch.allclose(maps, ref_maps, rtol=1e-5, atol=1e-6)
     loss, _ = model.loss(images)
     with torch.no_grad():

@@ -83,6 +83,27 @@ def test_the_validated_default_tests_the_best_epoch_and_stops_early(demo_run):
     assert ckpt["epoch"] == best
 
 
+def test_the_run_ends_with_a_summary_and_the_selection_curve(demo_run):
+    """The chosen epoch and why, its checkpoint (the path README's Quick start uses), the test
+    metrics and the run folder, as metrics.json has them; the curve PNG in the run folder."""
+    from PIL import Image
+
+    _, out, proc = demo_run
+    result = json.loads((out / "metrics.json").read_text())
+    sel = result["selection"]
+    summary = proc.stdout.split("run summary\n", 1)[1].splitlines()[:7]
+    lines = dict(line.split(maxsplit=1) for line in summary)
+    assert lines["checkpoint"] == sel["checkpoint"] and Path(sel["checkpoint"]).is_file()
+    assert lines["chosen"].startswith(f"epoch {sel['epoch']}")
+    assert ("the un-adapted model" in lines["chosen"]) == (sel["epoch"] == 0)
+    assert lines["why"].startswith(f"the best val/pixel_AUPRO on validation, {sel['value']:.4f}")
+    assert lines["stopped"].startswith(f"early, after epoch {sel['stopped_epoch']}: 1 validated")
+    assert f"test/pixel_AUPRO {result['metrics']['test/pixel_AUPRO']:.4f}" in lines["test"]
+    assert lines["curve"] == str(out / "selection_curve.png")
+    assert Image.open(lines["curve"]).size == (720, 420)
+    assert lines["run"].startswith(f"folder  {out} ")
+
+
 def test_eval_scores_the_checkpoint_like_training_did(demo_run, tmp_path):
     tmp, out, _ = demo_run
     trained = json.loads((out / "metrics.json").read_text())
@@ -146,6 +167,26 @@ def test_wandb_logger_works_offline_without_an_account(tmp_path):
     (table,) = OfflineRun(runs[0]).media("curves*.table.json")
     data = json.loads(table.read_text())["data"]  # rows: [epoch, line key, value]
     assert {row[0] for row in data} == {0, 1} and {row[1] for row in data} >= {"val/pixel_AUPRO"}
+
+
+@pytest.mark.slow  # three training commands: about a minute on a quiet 2-core CPU
+def test_an_input_too_small_stops_before_the_bank_and_the_smallest_runs(tmp_path):
+    small = ["+experiment=demo", f"data.root={tmp_path / 'data'}", *SMALL[:4],
+             "data.val_fraction=0.34", "trainer.max_epochs=1", "logger=none"]  # fmt: skip
+    for name, size in (("s16", "16"), ("s8", "[8,8]")):
+        proc = run("cfa_lightning.train", *small, f"data.image_size={size}",
+                   f"hydra.run.dir={tmp_path / name}", check=False)  # fmt: skip
+        assert proc.returncode != 0 and "Building memory bank" not in proc.stderr
+        assert "model input, under the 17 px per side" in proc.stderr
+        assert "the smallest value that works is data.image_size=17" in proc.stderr
+        assert "Padding size" not in proc.stderr and "changed no pixels" not in proc.stderr
+    proc = run("cfa_lightning.train", *small, "data.image_size=auto", "data.pixels=256",
+               f"hydra.run.dir={tmp_path / 'auto'}", check=False)  # fmt: skip
+    assert (
+        proc.returncode != 0 and "the smallest value that works is data.pixels=1024" in proc.stderr
+    )
+    run("cfa_lightning.train", *small, "data.image_size=17", f"hydra.run.dir={tmp_path / 'ok'}")
+    assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["tested"]
 
 
 def test_auto_size_is_chosen_recorded_and_reused_by_eval_and_predict(tmp_path):

@@ -147,6 +147,25 @@ def test_bad_export_folders_stop_with_one_line_naming_the_file(exports, tmp_path
         Inferencer(exports["onnx"], "tensorrt")
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_damaged_model_file_stops_with_one_line_naming_it(exports, tmp_path, runtime):
+    if runtime == "openvino" and not _has("openvino"):
+        pytest.skip("openvino is not installed (pip install 'cfa-lightning[openvino]')")
+
+    def truncate(folder: Path) -> None:
+        graph = folder / "model.onnx"
+        graph.write_bytes(graph.read_bytes()[:3000])
+
+    folder = _broken(exports, tmp_path, truncate)
+    with pytest.raises(DeployError) as err:
+        Inferencer(folder, runtime)
+    reason = "Protobuf parsing failed" if runtime == "onnxruntime" else "Model can't be parsed"
+    assert str(err.value) == (
+        f"{folder / 'model.onnx'} cannot be loaded by {runtime} ({reason}): the file is damaged "
+        "or not a model; export the checkpoint again with cfa-export"
+    )
+
+
 def test_a_runtime_not_installed_names_the_extra(exports, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(DeployError, match=r"pip install 'cfa-lightning\[openvino\]'"):
@@ -186,7 +205,9 @@ def test_predict_from_an_export_imports_no_torch(exports, tmp_path):
     for stem, shape in {"a": (90, 120), "b": (50, 40)}.items():
         assert np.load(out / f"{stem}_map.npy").shape == shape
         assert Image.open(out / f"{stem}_mask.png").size == shape[::-1]
-        assert Image.open(out / f"{stem}_overlay.png").size == (3 * shape[1], shape[0])
+        overlay = Image.open(out / f"{stem}_overlay.png")  # a caption band above the panel
+        assert overlay.width == 3 * shape[1] and overlay.height > shape[0]
+        assert overlay.text["image"] == str(folder / f"{stem}.{'png' if stem == 'a' else 'jpg'}")
     # the hook works: the same command with a checkpoint needs torch and fails
     bad = subprocess.run([*cmd[:3], "ckpt_path=x.ckpt", *cmd[4:]], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=_no_torch_env(tmp_path))  # fmt: skip

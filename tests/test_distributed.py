@@ -1,6 +1,8 @@
 """DDP helpers: evaluation padding is recognised and dropped, batch by batch; the bank loader is
-sharded over the ranks without padding (2 gloo processes)."""
+sharded over the ranks without padding, and a bank build that fails on one rank ends on all
+(2 gloo processes)."""
 
+import datetime
 import socket
 from types import SimpleNamespace
 
@@ -134,11 +136,12 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
     # each image is read by exactly one rank (no padding, no batch read and thrown away)
     assert sorted(ranks[0]["read"] + ranks[1]["read"]) == list(range(N_IMAGES))
     assert len(ranks[0]["read"]) == 3 and len(ranks[1]["read"]) == 2
-    # the centres travel once, as a float32 tensor (torch.distributed.broadcast); nothing of the
-    # build is pickled (Lightning's strategy.broadcast and the *_object collectives would be)
-    centres = (tuple(ranks[0]["centres"].shape), "torch.float32")
+    # the centres and their owners travel once, as tensors (torch.distributed.broadcast); nothing
+    # of the build is pickled (Lightning's strategy.broadcast and the *_object collectives would be)
+    m = ranks[0]["centres"].shape[0]
+    sent = [((m, ranks[0]["centres"].shape[1]), "torch.float32"), ((m,), "torch.int64")]
     for r in ranks:
-        assert r["tensors"] == [centres], r["tensors"]
+        assert r["tensors"] == sent, r["tensors"]
         assert r["pickled"] == [], r["pickled"]
     assert torch.equal(ranks[0]["centres"], ranks[1]["centres"])
     # ... and they are the bank one process builds from all the images
@@ -182,6 +185,69 @@ def test_pooled_banks_are_identical_on_every_rank_and_built_from_all_images(
     if bank["size"] == 1.0:  # every patch of every image, whichever rank read it
         key = lambda c: sorted(map(tuple, c.tolist()))  # noqa: E731
         assert key(ranks[0]["centres"]) == key(expected)
+
+
+def _failing_build_on_rank(rank: int, world: int, port: int, out: str, failure: str) -> None:
+    """A build that fails on one rank: rank 1's memory check ("memory"), or rank 0's selection
+    after the pass ("selection": a coreset larger than the distinct patches of identical
+    images). Each rank saves what it raised; a hang ends at the process group's timeout."""
+    from pytorch_lightning.plugins.precision import Precision
+
+    from cfa_lightning.models import memory_bank
+    from cfa_lightning.models.lit_module import CFALitModule
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        data = CountingImages(N_IMAGES)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            if failure == "memory" and rank == 1:
+                monkeypatch.setattr(memory_bank, "available_memory_bytes", lambda: 2**20)
+            if failure == "selection":  # 5 identical images: 320 distinct patches of 1600
+                data.images = data.images[:1].expand_as(data.images)
+            pl.seed_everything(0)
+            size = 40 if failure == "memory" else 321
+            module = CFALitModule(BACKBONE, input_size=[64, 80],
+                                  bank={"construction": "coreset", "size": size})  # fmt: skip
+            module._trainer = SimpleNamespace(
+                world_size=world, global_rank=rank, is_global_zero=rank == 0,
+                strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,
+                precision_plugin=Precision(),
+            )  # fmt: skip
+            try:
+                module.build_bank(DataLoader(data, batch_size=2))
+                raised = ("nothing", "")
+            except Exception as err:
+                raised = (type(err).__name__, str(err))
+        torch.save({"raised": raised, "read": data.read}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["memory", "selection"])
+def test_a_build_that_fails_on_one_rank_ends_on_every_rank(tmp_path, failure):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, str(tmp_path), failure)
+    torch.multiprocessing.spawn(_failing_build_on_rank, args=args, nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    if failure == "memory":  # rank 1's verdict, raised alike by both before any image is read
+        assert ranks[0]["raised"] == ranks[1]["raised"]
+        kind, message = ranks[0]["raised"]
+        assert kind == "MemoryError" and "is available on rank 1 of 2" in message
+        assert "model.bank.size=40" in message
+        assert ranks[0]["read"] == ranks[1]["read"] == []
+        return
+    assert ranks[0]["raised"][0] == "ValueError"  # rank 0's own error
+    selection = "model.bank.size=321 asks for 321 centres, but the pool holds only 320 distinct"
+    assert ranks[0]["raised"][1].startswith(selection)
+    assert ranks[1]["raised"] == (
+        "RuntimeError",
+        "the memory bank could not be built on rank 0: " + ranks[0]["raised"][1],
+    )
 
 
 def test_fewer_training_images_than_ranks_is_refused_in_one_line():

@@ -2,13 +2,20 @@
 quantises the backbone only by default, calibrated on the training folder."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from cfa_lightning.deploy import load_runtime
-from cfa_lightning.export import ExportableCFA, export, training_images
+from cfa_lightning.export import (
+    TRACE_BRANCH_WARNING,
+    ExportableCFA,
+    export,
+    tracing_quietly,
+    training_images,
+)
 from cfa_lightning.models.lit_module import CFALitModule
 
 
@@ -138,3 +145,52 @@ def test_a_bank_larger_than_h_times_w_exports_and_matches_pytorch(
         _assert_close(ref, [torch.from_numpy(np.asarray(a)) for a in run(x.numpy())])
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert meta["bank"] == "coreset" and meta["bank_centres"] == model.bank.n_centres
+
+
+def test_the_trace_warnings_are_silenced_and_other_batch_sizes_score_the_same(
+    trained_checkpoint, reference, tmp_path
+):
+    """The six TracerWarnings of the model's own branches are silenced (export.py says why they
+    are harmless): batch sizes other than the traced 2 give the eager model's scores."""
+    ort = pytest.importorskip("onnxruntime")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scripted = torch.jit.load(str(export(trained_checkpoint, "torchscript", tmp_path / "ts")))
+        session = ort.InferenceSession(str(export(trained_checkpoint, "onnx", tmp_path / "onnx")),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    torch.manual_seed(1)
+    for x in (torch.rand(1, 3, 64, 80), torch.rand(5, 3, 64, 80)):
+        with torch.no_grad():
+            ref = reference(x)
+            _assert_close(ref, scripted(x))
+        got = [torch.from_numpy(np.asarray(a)) for a in session.run(None, {"images": x.numpy()})]
+        _assert_close(ref, got)
+    with warnings.catch_warnings(record=True) as caught, tracing_quietly():
+        warnings.simplefilter("always")  # outside the filter: still shown
+        warnings.warn_explicit(f"{TRACE_BRANCH_WARNING} (elsewhere)", torch.jit.TracerWarning,
+                               "other.py", 1, module="other")  # fmt: skip
+    assert len(caught) == 1
+
+
+def test_an_unwritable_output_dir_stops_before_the_export(trained_checkpoint, tmp_path,
+                                                          monkeypatch):  # fmt: skip
+    def exported(*args):
+        raise AssertionError("the export ran before the folder was checked")
+
+    monkeypatch.setattr("cfa_lightning.export._onnx", exported)
+    (tmp_path / "a_file").write_text("")
+    under_a_file = tmp_path / "a_file" / "export"
+    with pytest.raises(ValueError) as err:
+        export(trained_checkpoint, "onnx", under_a_file)
+    assert str(err.value) == (f"output_dir='{under_a_file}' cannot be written (Not a directory); "
+                              "give a folder you can write: output_dir=<folder>")  # fmt: skip
+
+    def denied(*args, **kwargs):  # a read-only folder (root writes to any, so it is simulated)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", denied)
+    with pytest.raises(
+        ValueError, match=r"output_dir='.*' cannot be written \(Permission denied\)"
+    ):
+        export(trained_checkpoint, "onnx", tmp_path / "read_only")

@@ -201,3 +201,65 @@ def test_checkpoint_without_owners_loads_with_none_owned():
     restored.load_state_dict(state)
     assert torch.equal(restored.centres, bank.centres)
     assert (restored.owners == NO_OWNER).all() and restored.most_owned() == 0
+
+
+def test_the_coreset_picks_each_point_once():
+    """Issue 38: 30 centres of 20 distinct points gave copies, and projection_dim=0 was
+    accepted (50 picks, 2 distinct indices)."""
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0)).repeat(3, 1)  # 60, 20 apart
+    chosen = greedy_coreset(x, 20, seed=0, projection_dim=None)
+    assert len({tuple(row) for row in x[chosen].tolist()}) == 20
+    with pytest.raises(ValueError, match=r"1 <= n <= 20 distinct points \(of 60"):
+        greedy_coreset(x, 30, seed=0)
+    with pytest.raises(ValueError, match="projection needs >= 1 dimension"):
+        greedy_coreset(x, 5, seed=0, projection_dim=0)
+    distinct = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    assert len(set(greedy_coreset(distinct, 50, seed=0, projection_dim=1).tolist())) == 50
+
+
+@pytest.mark.parametrize("size", [6, 16])  # 16: the whole pool, taken without a selection
+def test_a_coreset_beyond_the_distinct_patches_is_refused_naming_the_size(size):
+    same = torch.randn(1, 3, 2, 2).expand(4, -1, -1, -1)  # 4 identical images: 4 distinct patches
+    bank = MemoryBank(3, 2, 2, construction="coreset", size=size)
+    bank.update(same, torch.arange(4))
+    with pytest.raises(ValueError, match=rf"model.bank.size={size} asks for {size} centres, but "
+                                         r"the pool holds only 4 distinct patches \(of 16\)"):  # fmt: skip
+        bank.finalize()
+    assert not bool(bank.fitted)
+    bank = MemoryBank(3, 2, 2, construction="coreset", size=4)
+    bank.update(same, torch.arange(4))
+    bank.finalize()
+    assert len({tuple(c) for c in bank.centres.tolist()}) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "128"])
+def test_projection_dim_is_checked_when_the_bank_is_made(bad):
+    with pytest.raises(ValueError, match=r"model.bank.projection_dim=.*>= 1.*or null"):
+        MemoryBank(3, 4, 5, construction="coreset", projection_dim=bad)
+    MemoryBank(3, 4, 5, construction="coreset", projection_dim=None)  # all D' dims: accepted
+
+
+def test_a_bank_of_another_size_is_refused_naming_both_sizes():
+    """Issue 38: a 96-row positional bank (a 32 x 48 input) loaded into a 64 x 64 model."""
+    small = MemoryBank(3, 8, 12)  # the feature map of a 32 x 48 input at stride 4
+    small.update(torch.randn(2, 3, 8, 12))
+    small.finalize()
+    with pytest.raises(ValueError, match=r"has 96 centres, but this model's positional bank has "
+                                         r"256.*data.image_size or model.bank.size"):  # fmt: skip
+        MemoryBank(3, 16, 16).load_state_dict(small.state_dict())
+    fixed, _ = _pooled("kmeans", 30)
+    with pytest.raises(ValueError, match=r"has 30 centres, but this model's kmeans bank has 40"):
+        MemoryBank(3, 4, 5, construction="kmeans", size=40).load_state_dict(fixed.state_dict())
+
+
+def test_a_checkpoint_of_another_image_size_does_not_load_into_the_model():
+    from cfa_lightning.models.backbone import Backbone
+    from cfa_lightning.models.cfa import CFA
+
+    backbone = Backbone("resnet18", pretrained=False)
+    trained = CFA(backbone, input_size=(32, 48))
+    trained.bank.update(trained.describe(torch.rand(2, 3, 32, 48)))
+    trained.bank.finalize()
+    assert trained.bank.n_centres == 96
+    with pytest.raises(ValueError, match=r"96 centres.*has 256"):
+        CFA(backbone, input_size=64).load_state_dict(trained.state_dict())  # strict

@@ -337,6 +337,24 @@ def test_unknown_or_misspelled_category_is_never_downloaded(tmp_path):
         MVTecDataModule(str(tmp_path / "x"), "bottle", download={}).prepare_data()
 
 
+def test_a_missing_category_with_the_download_off_says_how_to_turn_it_on(tmp_path):
+    (tmp_path / "tile").mkdir()
+    off = {"enabled": False, "url": "http://127.0.0.1:9/never"}
+    with pytest.raises(FileNotFoundError) as err:
+        MVTecDataModule(str(tmp_path), "bottle", download=off).prepare_data()
+    assert str(err.value) == (
+        f"MVTec AD category 'bottle' is not under {tmp_path} (no folder {tmp_path / 'bottle'}) "
+        "and the download is off (data.download.enabled=false). Set data.download.enabled=true "
+        f"to download MVTec AD (4.9 GB) into {tmp_path}, or set data.root=<a folder that holds "
+        "bottle/>."
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist.*download is off"):
+        MVTecDataModule(str(tmp_path / "x"), "bottle", download=off).prepare_data()
+    with pytest.raises(FileNotFoundError) as err:  # the name given is never its own suggestion
+        scan_mvtec_category(tmp_path, "bottle")
+    assert "Did you mean: bottle" not in str(err.value)
+
+
 def test_truncated_file_stops_at_setup_or_is_skipped_and_counted(copy_root):
     bad = copy_root / "synthetic/train/good/003.png"
     bad.write_bytes(bad.read_bytes()[:60])

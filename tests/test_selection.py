@@ -300,6 +300,8 @@ def test_paper_protocol_and_refit(tmp_path):
                          "trainer.max_epochs=1")  # fmt: skip
     assert paper["protocol"] == "paper" and paper["selection"]["rule"] == "last"
     assert paper["epochs"] == 1 and paper["val_metrics"] == {}
+    last = tmp_path / "paper" / "checkpoints" / "last.ckpt"  # the model tested, in the summary
+    assert paper["selection"]["checkpoint"] == str(last) and f"checkpoint  {last}\n" in proc.stdout
     assert (
         "memory bank (positional) built from 12 training images" in proc.stderr
     )  # all of train/good
@@ -313,3 +315,4 @@ def test_paper_protocol_and_refit(tmp_path):
     saved = torch.load(tmp_path / "refit" / "checkpoints" / "refit.ckpt", weights_only=True)
     assert saved["epoch"] == chosen  # retrained for the chosen number of epochs
     assert "Restoring states" not in proc.stderr  # the refit model is tested, not the selected one
+    assert f"checkpoint  {tmp_path / 'refit' / 'checkpoints' / 'refit.ckpt'}\n" in proc.stdout

@@ -104,3 +104,27 @@ def test_aspects_that_agree_keep_the_products_shape():
     # magnetic_tile-like: sides from 0.4 to 2.7 apart
     varied = aspect_rule([(200, 500), (300, 300), (540, 200), (250, 400), (400, 260)] * 4)
     assert varied["rule"] == "square" and varied["aspect_range"] == [0.4, 2.7]
+
+
+def test_the_smallest_side_is_what_taps_blur_and_defects_need():
+    from cfa_lightning.sizes import check_input_size, smallest_side
+
+    assert smallest_side(16, 4.0) == 17  # the blur's kernel 33: more than 16 px to reflect
+    assert smallest_side(32, 4.0) == 32  # the taps: one stride
+    assert smallest_side(8, 0.0) == 16  # the synthetic defects (a spot needs 16 px)
+    check_input_size((17, 40), "data.image_size", [17, 40], 17)  # passes
+    with pytest.raises(ValueError, match=r"data.crop_size=16 gives a 16x16 .* under the 17 px .*"
+                                         r"smallest value that works is data.crop_size=17"):  # fmt: skip
+        check_input_size((16, 16), "data.crop_size", 16, 17)
+
+
+def test_auto_budgets_leave_the_short_side_what_it_needs():
+    # 16 x 16 at 256 px failed in the blur; the smallest budget that works is 32 x 32
+    with pytest.raises(ValueError, match=r"data.pixels=256 is too small.*data.pixels=1024"):
+        auto_input_size(1.0, 256, 16, side=17)
+    assert auto_input_size(1.0, 1024, 16, side=17) == (32, 32)
+    # 2000 x 50 training images at 16384 px gave a 16 x 816 input; now the budget is refused
+    with pytest.raises(ValueError, match=r"data.pixels=16384 is too small.*data.pixels=40960"):
+        auto_input_size(2000 / 50, 16384, 16, side=17)
+    h, w = auto_input_size(2000 / 50, 40960, 16, side=17)
+    assert w == 32 and h % 16 == 0

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from cfa_lightning.models.calibration import Calibration
-from cfa_lightning.visualize import HeatScale, colormap
+from cfa_lightning.visualize import HeatScale, captioned, colormap
 
 
 def _calibration(low: float, threshold: float) -> Calibration:
@@ -46,3 +46,16 @@ def test_a_non_square_overlay_panel_keeps_the_maps_shape():
         blended[:, 0, 2] > blended[:, 0, 0]
     ).all()
     assert (panel[:, 20:][truth] == (0, 220, 0)).all(1).any()  # the contour where the truth is
+
+
+def test_a_caption_band_sits_above_the_panel_and_stays_legible():
+    wide = np.full((240, 900, 3), 90, dtype=np.uint8)
+    out = captioned(wide, ["bad/003.png", "score 12.3, normalised 0.71: ANOMALOUS"])
+    band = out[: out.shape[0] - 240]
+    assert np.array_equal(out[-240:], wide) and band.shape[0] >= 12  # the panel is untouched
+    assert (band.min(axis=2) < 128).any() and (band > 250).all(axis=2).mean() > 0.5  # text on white
+    one_line = band.shape[0]
+    narrow = captioned(wide[:, :150], ["bad/003.png", "score 12.3, normalised 0.71: ANOMALOUS"])
+    assert narrow.shape[0] - 240 > one_line  # too wide for one line: a line per part
+    big = captioned(np.zeros((4000, 600, 3), dtype=np.uint8), ["a.png"])
+    assert big.shape[0] - 4000 >= 4000 / 24  # text grows with the image

@@ -1,8 +1,12 @@
-"""Where the Hydra configs live, and the resolvers they use.
+"""Where the Hydra configs live, the resolvers they use, and the checks of a composed config.
 
 The configs ship inside the package (``cfa_lightning/conf``, also reached as ``conf/`` at the top
 of a source checkout), so the commands find them from any folder after a plain ``pip install``.
 Add a folder of your own with Hydra's ``--config-dir``; ``CFA_CONFIG_DIR`` replaces the whole tree.
+
+``ConfigCheck`` (a Hydra callback of ``conf/train.yaml``) checks each training job's config
+before the job starts: settings that cannot be meant stop it in one line, settings that have no
+effect are named in a warning.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import functools
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
-from .sizes import config_input_size, model_input_size, trained_sizes
+from .sizes import as_size, config_input_size, is_auto, model_input_size, trained_sizes
 
 CONFIG_DIR = os.environ.get("CFA_CONFIG_DIR", str(Path(__file__).resolve().parent / "conf"))
 
@@ -98,6 +103,124 @@ def ray_gpus_per_job(address: str | None) -> int:
     import torch
 
     return 1 if torch.cuda.is_available() else 0
+
+
+class ConfigError(SystemExit):
+    """A setting that cannot be meant: ends the command with one line, before any work."""
+
+
+def _hydra_node(cfg: DictConfig) -> DictConfig | None:
+    """The ``hydra`` node of a job's config (a callback's, or compose(return_hydra_config=True))."""
+    node = cfg.get("hydra")
+    if node is None and _hydra_job() is not None:
+        node = _hydra_job()
+    return node
+
+
+def command_line_keys(cfg: DictConfig) -> set[str]:
+    """The keys the command line set (``data.pixels=...`` -> ``data.pixels``, ``data=x`` ->
+    ``data``); empty outside Hydra."""
+    node = _hydra_node(cfg)
+    overrides = list(node.overrides.task) if node is not None else []
+    return {o.lstrip("~+").split("=", 1)[0] for o in overrides}
+
+
+def job_choices(cfg: DictConfig) -> dict[str, str]:
+    """The config group choices of the job (``{"data": "mvtec", ...}``); empty outside Hydra."""
+    node = _hydra_node(cfg)
+    return dict(node.runtime.choices) if node is not None else {}
+
+
+def group_default(group: str, choice: str | None, key: str):
+    """``key`` as the shipped file ``<group>/<choice>.yaml`` sets it, following the first entry
+    of its defaults list where it does not; None when unknown (another config folder)."""
+    seen = set()
+    while choice and choice not in seen:
+        seen.add(choice)
+        path = Path(CONFIG_DIR) / group / f"{choice}.yaml"
+        if not path.is_file():
+            return None
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if key in node:
+            value = node[key]
+            return None if isinstance(value, str) and "${" in value else value
+        parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        choice = parents[0] if parents else None
+    return None
+
+
+def _early_stopping(cfg: DictConfig) -> bool:
+    callbacks = cfg.get("callbacks") or {}
+    return any(
+        isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith(".EarlyStopping")
+        for node in callbacks.values()
+    )
+
+
+def check_max_epochs(cfg: DictConfig) -> None:
+    """``trainer.max_epochs`` caps the trained epochs: a positive int; null only where early
+    stopping, ``max_steps`` or ``max_time`` ends the fit."""
+    trainer = cfg.get("trainer") or {}
+    epochs = trainer.get("max_epochs")
+    other_cap = trainer.get("max_steps", -1) not in (None, -1) or trainer.get("max_time")
+    if epochs in (None, -1) and not other_cap and not _early_stopping(cfg):
+        shown = "null" if epochs is None else epochs
+        raise ConfigError(
+            f"error: trainer.max_epochs={shown} sets no epoch cap, and "
+            f"protocol={cfg.get('protocol')} has no early stopping: the fit would not end "
+            "(null: not before Lightning's default of 1000 epochs). Set the number of epochs to "
+            "train, e.g. trainer.max_epochs=30"
+        )
+    if epochs is None:
+        return
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(
+            f"error: trainer.max_epochs={epochs!r} is not a number of epochs to train: give 1 or "
+            "more, e.g. trainer.max_epochs=30 (a cap: the validated default stops earlier by "
+            "early stopping; 0 trains nothing, -1 removes the cap)"
+        )
+
+
+def unused_pixels(cfg: DictConfig) -> str | None:
+    """The warning for a data.pixels that has no effect: a value other than the data group's
+    default (or one given on the command line) while data.image_size fixes the size."""
+    data = cfg.get("data") or {}
+    pixels, size = data.get("pixels"), data.get("image_size")
+    if pixels is None or size is None or is_auto(size):
+        return None
+    default = group_default("data", job_choices(cfg).get("data"), "pixels")
+    if "data.pixels" not in command_line_keys(cfg) and default in (None, pixels):
+        return None  # the group's own budget, or a group of another config folder
+    try:
+        h, w = as_size(size)
+    except (TypeError, ValueError):
+        return None  # a bad size stops the run later, naming data.image_size
+    if pixels == h * w:
+        return None
+    shown = size if isinstance(size, int) else f"[{h}, {w}]"
+    return (
+        f"data.pixels={pixels} has no effect: data.image_size={shown} fixes the model's input at "
+        f"{h} x {w} ({h * w} pixels). data.pixels is the pixel budget of data.image_size=auto: "
+        "set data.image_size=auto to size the input from the training images at that budget, "
+        "or leave data.pixels out"
+    )
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Stop on settings of a composed train config that cannot be meant; warn on ignored ones."""
+    message = unused_pixels(cfg)
+    if message:
+        from pytorch_lightning.utilities import rank_zero_warn  # training only: torch is there
+
+        rank_zero_warn(message)
+    check_max_epochs(cfg)
+
+
+class ConfigCheck(Callback):
+    """Hydra callback (conf/train.yaml): ``check_train_config`` before each job starts."""
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        check_train_config(config)
 
 
 def register_resolvers() -> None:

@@ -141,6 +141,19 @@ def to_prediction(
                       mask_to_image(mask, size, resize, crop))  # fmt: skip
 
 
+def unreadable_model(path: Path, runtime: str, err: Exception) -> DeployError:
+    """A graph file the runtime cannot load, in one line with the runtime's own reason: its last
+    line (OpenVINO's stack of "Exception from ..." lines ends with it), after onnxruntime's
+    "Load model from <path> failed:"."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(err).__name__
+    reason = (reason.rpartition(" failed:")[2].strip() or reason).rstrip(".")
+    return DeployError(
+        f"{path} cannot be loaded by {runtime} ({reason}): the file is damaged or not a model; "
+        "export the checkpoint again with cfa-export"
+    )
+
+
 class _OnnxRuntime:
     def __init__(self, path: Path, threads: int | None) -> None:
         import onnxruntime as ort
@@ -149,7 +162,12 @@ class _OnnxRuntime:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # InvalidProtobuf, InvalidGraph, ...: no common base class
+            raise unreadable_model(path, "onnxruntime", err) from None
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(["scores", "normalized_scores", "maps"], {"images": batch})
@@ -160,7 +178,10 @@ class _OpenVINO:
         import openvino as ov
 
         config = {**OPENVINO_CONFIG, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-        self.model = ov.Core().compile_model(str(path), "CPU", config)
+        try:
+            self.model = ov.Core().compile_model(str(path), "CPU", config)
+        except RuntimeError as err:
+            raise unreadable_model(path, "openvino", err) from None
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         out = self.model(batch)

@@ -1,4 +1,5 @@
-"""DDP helpers: a rank's own share of a loader, and which evaluation samples are sampler padding.
+"""DDP helpers: a rank's own share of a loader, which evaluation samples are sampler padding, and
+the collectives of the bank's build (one verdict for all ranks, statistics gathered on rank 0).
 
 Two ways of sharding, both Lightning's samplers, because the loops differ:
 - the bank pass is this project's own loop with one reduction at its end, so each rank reads an
@@ -107,31 +108,77 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
-def all_gather_rows(rows: Tensor) -> Tensor:
-    """Every rank's (n_rank, D) rows concatenated in rank order, with tensor collectives only
-    (the counts may differ between ranks: rows are padded to the largest, then trimmed)."""
-    world, _ = world_and_rank()
+def collective_device() -> torch.device:
+    """Where the default process group's collectives take tensors: this rank's GPU under NCCL,
+    the CPU otherwise."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shared_error(message: str | None) -> str | None:
+    """One verdict for all ranks: the message of the lowest rank that has one, on every rank, or
+    None on every rank. A rank that raised alone would leave the others waiting in their next
+    collective, so every rank calls this and then raises, or goes on, together."""
+    world, rank = world_and_rank()
+    if world == 1:
+        return message
+    device = collective_device()
+    first = torch.tensor([world if message is None else rank], device=device)
+    torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+    src = int(first)
+    if src == world:
+        return None
+    text = (message or "(an error without a message)").encode()
+    length = torch.tensor([len(text)], device=device)
+    torch.distributed.broadcast(length, src=src)
+    data = torch.zeros(int(length), dtype=torch.uint8)
+    if rank == src:
+        data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    data = data.to(device)  # (length,) the message's UTF-8 bytes
+    torch.distributed.broadcast(data, src=src)
+    return bytes(data.cpu().tolist()).decode()
+
+
+def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
+    """Every rank's (n_rank, ...) rows concatenated in rank order on rank ``dst`` (on the
+    collectives' device), None on the others. The rows travel point to point into one buffer, so
+    ``dst`` holds the whole once beside its own share and the other ranks nothing but theirs."""
+    world, rank = world_and_rank()
     if world == 1:
         return rows
-    count = torch.tensor([rows.shape[0]], device=rows.device)
+    device = collective_device()
+    rows = rows.to(device).contiguous()
+    count = torch.tensor([rows.shape[0]], device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     torch.distributed.all_gather(counts, count)
-    longest = int(max(int(c) for c in counts))
-    padded = rows.new_zeros(longest, *rows.shape[1:])
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(gathered, padded)
-    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)])
+    if rank != dst:
+        if rows.shape[0]:
+            torch.distributed.send(rows, dst=dst)
+        return None
+    sizes = [int(c) for c in counts]
+    whole = rows.new_empty(sum(sizes), *rows.shape[1:])
+    start = 0
+    for src, n in enumerate(sizes):
+        if src == dst:
+            whole[start : start + n] = rows
+        elif n:
+            torch.distributed.recv(whole[start : start + n], src=src)
+        start += n
+    return whole
 
 
-def reduce_bank_statistics(stats: Tensor, count: Tensor, pooled: bool) -> tuple[Tensor, Tensor]:
-    """A memory bank's build statistics over all ranks: image counts summed; the pools of
-    kmeans and coreset gathered in rank order, the positional sums summed (in place)."""
-    world, _ = world_and_rank()
+def collect_bank_statistics(
+    stats: Tensor, count: Tensor, owners: Tensor | None
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """A memory bank's build statistics over all ranks, whole on rank 0 only, the one rank that
+    finishes the bank (None elsewhere): the pool and its ``owners`` gathered in rank order, or
+    the positional sums (``owners`` None) summed; the image count summed on every rank."""
+    world, rank = world_and_rank()
     if world == 1:
-        return stats, count
+        return stats, count, owners
     torch.distributed.all_reduce(count)
-    if pooled:
-        return all_gather_rows(stats), count
-    torch.distributed.all_reduce(stats)
-    return stats, count
+    if owners is None:
+        torch.distributed.reduce(stats, dst=0)
+        return (stats if rank == 0 else None), count, None
+    return gather_rows(stats), count, gather_rows(owners)

@@ -206,9 +206,10 @@ class SelectionCheck(pl.Callback):
 def selection_record(
     trainer: pl.Trainer, rule: str, metric: str, mode: str, untrained: UntrainedEpoch
 ) -> tuple[dict[str, Any], dict[str, float], str | None]:
-    """What a finished fit chose: metrics.json's ``selection`` record, the chosen epoch's
-    validation scalars, and the checkpoint to test ("best"; None: the weights in memory, i.e.
-    the last epoch). Epochs count trained epochs."""
+    """What a finished fit chose: metrics.json's ``selection`` record (with the chosen epoch's
+    checkpoint file: the best one, or last.ckpt under ``last``), the chosen epoch's validation
+    scalars, and the checkpoint to test ("best"; None: the weights in memory, i.e. the last
+    epoch). Epochs count trained epochs."""
     stopped = untrained.trained(trainer.current_epoch - 1)  # the last epoch run
     val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     selection: dict[str, Any] = {"rule": rule, "epoch": stopped, "stopped_epoch": stopped}
@@ -232,6 +233,10 @@ def selection_record(
             patience=stopper.patience if stopper is not None else None,
         )  # fmt: skip
         test_ckpt = "best"  # the epoch chosen on validation; the test set is used once
+    else:  # the weights in memory; last.ckpt (a checkpoint without monitor) holds them
+        saved = [c.best_model_path for c in trainer.callbacks
+                 if isinstance(c, ModelCheckpoint) and c.monitor is None and c.best_model_path]  # fmt: skip
+        selection["checkpoint"] = saved[0] if saved else None
     if checker is not None:
         selection["val_curve"] = [[untrained.trained(e), v] for e, v in checker.curve()]
     return selection, val_metrics, test_ckpt

@@ -89,15 +89,51 @@ def aspect_rule(sizes: Sequence[Sequence[int]]) -> dict:
     }
 
 
-def smallest_budget(aspect: float, stride: int) -> int:
-    """The fewest pixels that give the shorter side of this aspect (H / W) at least one stride."""
-    return math.ceil(stride * stride * max(aspect, 1.0 / aspect))
+# The synthetic defects' shortest image side: a spot's semi-axes are 6-10% of the side and it must
+# change 4 pixels (data/defects.py); at 12 px the spot family fails, from 16 px every family draws.
+DEFECT_MIN_SIDE = 16
 
 
-def auto_input_size(aspect: float, pixels: int, stride: int) -> tuple[int, int]:
+def gaussian_sigma_kernel(sigma: float) -> int:
+    """Odd kernel size covering +-4 sigma (sigma 4 -> 33, as in docs/method.md, section 5)."""
+    return 2 * math.ceil(4 * sigma) + 1
+
+
+def smallest_side(stride: int, blur_sigma: float = 0.0) -> int:
+    """The shortest model input side that works: the taps need one ``stride`` (the largest tap
+    stride), the map's reflect-padded blur more pixels than half its kernel, and the synthetic
+    validation defects DEFECT_MIN_SIDE (lite0 at blur sigma 4: 17)."""
+    half_kernel = gaussian_sigma_kernel(blur_sigma) // 2 if blur_sigma > 0 else 0
+    return max(stride, half_kernel + 1, DEFECT_MIN_SIDE)
+
+
+def check_input_size(size: Sequence[int], option: str, value, side: int) -> None:
+    """Stop before any work when the model input ``size`` (H, W), set by ``option``=``value``,
+    has a side under ``side`` (`smallest_side`)."""
+    if min(size) >= side:
+        return
+    h, w = size
+    fix = f"{option}={side}"
+    raise ValueError(
+        f"{option}={value} gives a {h}x{w} (H x W) model input, under the {side} px per side that "
+        f"the backbone's taps, the anomaly map's blur (model.blur_sigma) and the synthetic "
+        f"validation defects need; the smallest value that works is {fix} (or larger)"
+    )
+
+
+def smallest_budget(aspect: float, side: int) -> int:
+    """The fewest pixels that give the shorter side of this aspect (H / W) at least ``side``."""
+    return math.ceil(side * side * max(aspect, 1.0 / aspect))
+
+
+def auto_input_size(
+    aspect: float, pixels: int, stride: int, side: int | None = None
+) -> tuple[int, int]:
     """(H, W) of about ``pixels`` pixels with H / W about ``aspect``, each side a multiple of
-    ``stride`` (the largest tap stride: every tap then holds a whole number of patches)."""
-    smallest = smallest_budget(aspect, stride)
+    ``stride`` (the largest tap stride: every tap then holds a whole number of patches) and at
+    least ``side`` (`smallest_side`; None: one stride)."""
+    side = math.ceil((side or stride) / stride) * stride  # the shortest side, whole strides
+    smallest = smallest_budget(aspect, side)
     if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0:
         raise ValueError(
             f"data.pixels={pixels!r} must be a positive number of pixels (H x W of the model "
@@ -105,15 +141,15 @@ def auto_input_size(aspect: float, pixels: int, stride: int) -> tuple[int, int]:
         )
     if pixels < smallest:
         raise ValueError(
-            f"data.pixels={pixels} is too small for a backbone whose largest tap stride is "
-            f"{stride}: at an aspect of {aspect:.3g} (H / W) the shorter side would get under "
-            f"{stride} px, a tap map under 1x1; the smallest value that works is "
-            f"data.pixels={smallest}"
+            f"data.pixels={pixels} is too small: at an aspect of {aspect:.3g} (H / W) the shorter "
+            f"side would get under {side} px, what the backbone's taps (largest stride {stride}), "
+            "the anomaly map's blur and the synthetic validation defects need; the smallest "
+            f"value that works is data.pixels={smallest}"
         )
     ideal_h, ideal_w = math.sqrt(pixels * aspect), math.sqrt(pixels / aspect)
     return (
-        max(stride, math.floor(ideal_h / stride + 0.5) * stride),
-        max(stride, math.floor(ideal_w / stride + 0.5) * stride),
+        max(side, math.floor(ideal_h / stride + 0.5) * stride),
+        max(side, math.floor(ideal_w / stride + 0.5) * stride),
     )
 
 

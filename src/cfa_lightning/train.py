@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from . import report
 from .checkpoint import exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR, is_multirun
 from .models.backbone import WeightsUnavailable
@@ -38,10 +39,15 @@ from .selection import (
     selects,
     sweeper_target,
 )
-from .sizes import is_auto, largest_tap_stride
+from .sizes import (
+    check_input_size,
+    is_auto,
+    largest_tap_stride,
+    model_input_size,
+    smallest_side,
+)
 from .utils import (
     closing_loggers,
-    format_table,
     instantiate_dict,
     job_info,
     log,
@@ -81,14 +87,20 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, untrained: Un
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kw)
 
 
-def choose_image_size(cfg: DictConfig, datamodule: Any) -> None:
-    """``data.image_size=auto``: measure the training images and fix (H, W) in the config before
-    the model is built; model.input_size, the checkpoint and metrics.json follow it."""
-    if not is_auto(cfg.data.get("image_size")):
-        return
+def fix_input_size(cfg: DictConfig, datamodule: Any) -> None:
+    """The model's input (H, W), fixed and checked before the model is built: under
+    ``data.image_size=auto`` the datamodule measures the training images (model.input_size, the
+    checkpoint and metrics.json follow); any size, forced, auto or cropped, must leave each side
+    what the taps, the map's blur and the synthetic defects need (sizes.smallest_side)."""
     stride = largest_tap_stride(cfg.backbone.name, cfg.backbone.out_indices)
-    datamodule.prepare_data()  # the images must be there to be measured (a download is locked)
-    cfg.data.image_size = list(datamodule.choose_image_size(stride, cfg.backbone.name))
+    side = smallest_side(stride, float(cfg.model.blur_sigma))
+    if is_auto(cfg.data.get("image_size")):
+        datamodule.prepare_data()  # the images must be there to be measured (a download is locked)
+        cfg.data.image_size = list(datamodule.choose_image_size(stride, cfg.backbone.name, side))
+    crop = cfg.data.get("crop_size")  # the model's input when set, else the resize
+    option = "data.crop_size" if crop is not None else "data.image_size"
+    value = plain(crop if crop is not None else cfg.data.image_size)
+    check_input_size(model_input_size(cfg.data.image_size, crop), option, value, side)
 
 
 def refit(
@@ -124,7 +136,8 @@ def write_record(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: A
                  metrics: dict[str, float], selection: dict[str, Any],
                  val_metrics: dict[str, float], tested: bool,
                  timings: dict[str, float | None]) -> None:  # fmt: skip
-    """metrics.json (the test metrics and how they were obtained), the table and one log line."""
+    """metrics.json (the test metrics and how they were obtained), the selection curve and the
+    run's summary."""
     path = write_metrics(
         output_dir() / "metrics.json",
         metrics,
@@ -144,13 +157,9 @@ def write_record(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: A
         bank_centres=model.model.bank.n_centres,
         bank_build_s=round(getattr(model, "bank_build_s", math.nan), 2),
     )
-    if metrics:
-        title = f"CFA test metrics ({cfg.data.category}, {cfg.backbone.name}, seed {cfg.seed})"
-        print(format_table(metrics, title))
-    log.info(
-        "epoch %s chosen (%s), training stopped at epoch %s; metrics written to %s",
-        selection["epoch"], selection["rule"], selection["stopped_epoch"], path,
-    )  # fmt: skip
+    # the chosen epoch and why, its checkpoint, the test metrics, the run folder; the curve PNG
+    report.finish(selection, metrics, path.parent, cfg.get("selection_metric", "val/pixel_AUPRO"),
+                  cfg.trainer.get("max_epochs"), timings["refit_time_s"] is not None, log)  # fmt: skip
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -162,7 +171,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     test = tests_after_fit(cfg)
     pl.seed_everything(cfg.seed, workers=True)  # phi's init, and so the bank, depend on the seed
     datamodule = instantiate(cfg.data)
-    choose_image_size(cfg, datamodule)  # auto: from the training images, before the model
+    fix_input_size(cfg, datamodule)  # auto: from the training images, before the model
     model = instantiate(cfg.model, untrained_epoch=bool(cfg.get("validate_untrained", False)))
     loggers = instantiate_dict(cfg.get("logger"))
     with closing_loggers(loggers):
@@ -175,7 +184,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             logger.log_hyperparams(plain(cfg))
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        with report.epochs_as_trained(model.untrained.offset):  # Lightning's stop line
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+            )
         timings = {"train_time_s": round(time.perf_counter() - start, 2), "refit_time_s": None}
         selection, val_metrics, test_ckpt = selection_record(
             trainer, rule, metric, mode, model.untrained

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,22 @@ def output_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path.cwd()
+
+
+def writable_folder(folder: str | Path, option: str = "output_dir") -> Path:
+    """``folder``, created if missing, once a file can be written in it (checked before the work
+    that fills it); else a one-line ValueError that names the option."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{option}={str(folder)!r} cannot be written ({err.strerror or type(err).__name__}); "
+            f"give a folder you can write: {option}=<folder>"
+        ) from None
+    return folder
 
 
 def write_metrics(path: Path, metrics: dict[str, float], **info: Any) -> Path:

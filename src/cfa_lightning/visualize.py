@@ -1,12 +1,12 @@
 """Pictures of anomaly maps: a colour ramp, one fixed colour scale per model, heat-map blends,
-predicted-defect contours and a colour bar that marks the threshold."""
+predicted-defect contours, a colour bar that marks the threshold, and a caption band."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 THRESHOLD_AT = 1 / 3  # where the calibrated pixel threshold sits on the colour scale
 
@@ -92,3 +92,35 @@ def overlay_panel(
         if region is not None and region.any():
             outlined[contour(region)] = colour
     return np.concatenate([image, blended, outlined], axis=1)
+
+
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own scalable font at ``size`` px (its small bitmap font without FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
+
+
+def captioned(panel: np.ndarray, parts: list[str], colour: tuple[int, int, int] = (0, 0, 0),
+              min_size: int = 8) -> np.ndarray:  # fmt: skip
+    """A white band of text above a panel: ``parts`` on one line if they fit, else one per line.
+
+    The text is a 24th of the panel's height (at least 12 px), so it stays legible at any image
+    size; on a narrow panel it shrinks to fit, down to ``min_size`` px, and is cut beyond that.
+    panel: (H, W, 3) uint8 -> (H + band, W, 3) uint8.
+    """
+    width = panel.shape[1]
+    size = max(12, round(panel.shape[0] / 24))
+    margin = max(2, size // 3)
+    lines = ["   ".join(parts)]
+    if font(size).getlength(lines[0]) > width - 2 * margin:
+        lines = list(parts)
+        while size > min_size and max(font(size).getlength(t) for t in lines) > width - 2 * margin:
+            size -= 1
+    step = round(size * 1.25)
+    band = Image.new("RGB", (width, step * len(lines) + margin), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        draw.text((margin, margin // 2 + i * step), line, fill=colour, font=font(size))
+    return np.concatenate([np.asarray(band), panel], axis=0)

@@ -167,15 +167,18 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         self.transform = ImageMaskTransform(list(size), self.hparams.crop_size)
         self.hparams["image_size"] = list(size)
 
-    def choose_image_size(self, stride: int, backbone: str = "the backbone") -> tuple[int, int]:
+    def choose_image_size(
+        self, stride: int, backbone: str = "the backbone", side: int | None = None
+    ) -> tuple[int, int]:
         """``data.image_size=auto``: (H, W) of about ``data.pixels`` pixels, each side a multiple
-        of ``stride`` (the largest tap stride), shaped like the training images when their
-        aspects agree and square when they vary (`sizes.aspect_rule`)."""
+        of ``stride`` (the largest tap stride) and at least ``side`` (`sizes.smallest_side`),
+        shaped like the training images when their aspects agree and square when they vary
+        (`sizes.aspect_rule`)."""
         if self.transform is not None:
             return self.transform.image_size
         train, _, _ = self._verified_samples()
         rule = aspect_rule([image_hw(s.path) for s in train])  # (H, W) after EXIF orientation
-        size = auto_input_size(rule["aspect"], self.pixels, stride)
+        size = auto_input_size(rule["aspect"], self.pixels, stride, side)
         self._set_image_size(size)
         self.auto_size = {"pixels": self.pixels, "stride": stride, "image_size": list(size),
                           **{k: v for k, v in rule.items() if k != "aspect"}}  # fmt: skip

@@ -127,7 +127,7 @@ def check_category_dir(root: str | os.PathLike, category: str) -> Path:
         return category_dir
 
     present = [p.name for p in list_subfolders(root)]
-    candidates = list(dict.fromkeys([*present, *MVTEC_CATEGORIES]))
+    candidates = [c for c in dict.fromkeys([*present, *MVTEC_CATEGORIES]) if c != category]
     close = difflib.get_close_matches(category, candidates, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     found = ", ".join(present) if present else "(none)"

@@ -54,13 +54,27 @@ class MVTecDataModule(AnomalyDataModule):
             "...>. data.download.enabled=false turns the download off."
         )
 
+    def download_off_error(self) -> FileNotFoundError:
+        """A known MVTec AD category is missing and the download is off: say so, and how to
+        turn it on (not "did you mean" the name that was given)."""
+        where = (
+            f"{self.root} does not exist"
+            if not self.root.is_dir()
+            else f"no folder {self.root / self.category}"
+        )
+        return FileNotFoundError(
+            f"MVTec AD category '{self.category}' is not under {self.root} ({where}) "
+            "and the download is off (data.download.enabled=false). Set "
+            "data.download.enabled=true to download MVTec AD (4.9 GB) into "
+            f"{self.root}, or set data.root=<a folder that holds {self.category}/>."
+        )
+
     def prepare_data(self) -> None:
         """Download MVTec AD if a known category is missing (local rank 0, under a file lock)."""
-        if (
-            not (self.root / self.category).is_dir()
-            and self.download.get("enabled", False)
-            and self.category in MVTEC_CATEGORIES
-        ):
+        missing = not (self.root / self.category).is_dir() and self.category in MVTEC_CATEGORIES
+        if missing and not self.download.get("enabled", False):
+            raise self.download_off_error()
+        if missing:
             ensure_archive_extracted(
                 self.root,
                 self.category,

@@ -150,7 +150,7 @@ class CFALitModule(pl.LightningModule):
 
     def build_bank(self, loader) -> None:
         """The bank from phi's initial output over ``loader``'s images (bank_build.py)."""
-        self.bank_build_s = build_bank(self, loader)
+        self.bank_build_s = build_bank(self, loader, cache_bytes=self._taps.max_bytes)
 
     # ---- 2. training phi (and r) -------------------------------------------------------------
 

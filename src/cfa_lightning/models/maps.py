@@ -8,12 +8,13 @@ and calibrated thresholds would be computed on ties.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..sizes import gaussian_sigma_kernel
 
 
 class CFAOutput(NamedTuple):
@@ -25,11 +26,6 @@ def patch_scores(nearest_sq: Tensor) -> Tensor:
     """s = softmin(e_1..e_K)[0] * e_1 with e_k = sqrt(max(d_(k), 0)): (N, K) -> (N,)."""
     e = nearest_sq.clamp_min(0).sqrt()  # clamp before sqrt: no NaN from a rounding below 0
     return F.softmin(e, dim=1)[:, 0] * e[:, 0]
-
-
-def gaussian_sigma_kernel(sigma: float) -> int:
-    """Odd kernel size covering +-4 sigma (sigma 4 -> 33, as in docs/method.md, section 5)."""
-    return 2 * math.ceil(4 * sigma) + 1
 
 
 class GaussianBlur(nn.Module):
