@@ -56,8 +56,6 @@ class CFA(nn.Module):
         chunk_bytes: int | str | None = "auto",
         bank: Mapping[str, Any] | None = None,
         tap_norm: bool = False,
-        pool: int = 3,
-        coordinates: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -65,7 +63,7 @@ class CFA(nn.Module):
         self.K, self.J = K, J
         self.blur_sigma = blur_sigma
         self.blur = GaussianBlur(blur_sigma)
-        self.descriptor = PatchDescriptor(backbone.channels, gamma_d, tap_norm, pool, coordinates)
+        self.descriptor = PatchDescriptor(backbone.channels, gamma_d, tap_norm)
         dim = self.descriptor.out_dim  # D'
         with torch.no_grad():  # (h, w) of the first tap at this input size
             h, w = backbone(torch.zeros(1, 3, *self.input_size))[0].shape[-2:]

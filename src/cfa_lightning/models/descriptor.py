@@ -9,11 +9,10 @@ from torch import Tensor, nn
 
 
 class PatchDescriptor(nn.Module):
-    """phi: AvgPool (``pool`` x ``pool``, 3 by default) on every tap, bilinear resize to the first tap's (h, w), concat, CoordConv.
+    """phi: AvgPool3x3 on every tap, bilinear resize to the first tap's (h, w), concat, CoordConv.
 
     CoordConv = append the normalised (row, col) coordinates in [-1, 1] as two channels, then a
     1x1 convolution with bias from D + 2 to D' = D // gamma_d; it holds the only trainable weights.
-    ``coordinates=False`` leaves the two channels out (D to D'), for products that move in the frame.
     Z is assembled channels-last, so the 1x1 convolution is one matrix product and the patches
     come out as contiguous (h * w, D') rows with no further copy.
 
@@ -23,18 +22,8 @@ class PatchDescriptor(nn.Module):
     depends on that scale (docs/method.md, section 5).
     """
 
-    def __init__(
-        self,
-        in_channels: list[int],
-        gamma_d: int = 1,
-        tap_norm: bool = False,
-        pool: int = 3,
-        coordinates: bool = True,
-    ) -> None:
+    def __init__(self, in_channels: list[int], gamma_d: int = 1, tap_norm: bool = False) -> None:
         super().__init__()
-        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
-            raise ValueError(f"model.pool={pool!r}; give an odd window >= 1 (1: no pooling)")
-        self.coordinates = coordinates
         self.tap_norm = tap_norm
         if tap_norm:  # a buffer only when used: checkpoints without it load unchanged
             self.register_buffer("tap_scales", torch.ones(len(in_channels)))
@@ -44,10 +33,8 @@ class PatchDescriptor(nn.Module):
         self.out_dim = self.in_dim // gamma_d  # D'
         if self.out_dim < 1:
             raise ValueError(f"model.gamma_d={gamma_d} leaves no channels from D={self.in_dim}")
-        # count_include_pad: the border's mean over the window as the authors' code pads it
-        self.pool = nn.AvgPool2d(kernel_size=pool, stride=1, padding=pool // 2)
-        extra = 2 if coordinates else 0  # the (row, col) channels
-        self.coord_conv = nn.Conv2d(self.in_dim + extra, self.out_dim, kernel_size=1, bias=True)
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+        self.coord_conv = nn.Conv2d(self.in_dim + 2, self.out_dim, kernel_size=1, bias=True)
 
     def stack(self, features: list[Tensor]) -> Tensor:
         """[Z, rows, cols] channels-last: taps [(B, C_l, h_l, w_l)] -> (B, h, w, D + 2)."""
@@ -60,8 +47,6 @@ class PatchDescriptor(nn.Module):
             if q.shape[-2:] != (h, w):
                 q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
             parts.append(q.permute(0, 2, 3, 1))  # (B, h, w, C_l), a view for channels-last taps
-        if not self.coordinates:
-            return torch.cat(parts, dim=-1)
         ref = features[0]
         rows = torch.linspace(-1.0, 1.0, h, device=ref.device, dtype=ref.dtype)
         cols = torch.linspace(-1.0, 1.0, w, device=ref.device, dtype=ref.dtype)

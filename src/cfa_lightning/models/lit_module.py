@@ -71,8 +71,6 @@ class CFALitModule(pl.LightningModule):
         tap_cache_mb: float = 2048,
         bank: Mapping[str, Any] | None = None,
         tap_norm: bool = False,
-        pool: int = 3,
-        coordinates: bool = True,
     ) -> None:
         super().__init__()
         backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
@@ -88,7 +86,6 @@ class CFALitModule(pl.LightningModule):
             K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius,
             blur_sigma=blur_sigma, kmeans_seed=kmeans_seed,
             chunk_bytes=chunk_budget_bytes(chunk_mb), bank=bank, tap_norm=tap_norm,
-            pool=pool, coordinates=coordinates,
         )  # fmt: skip
         self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
