@@ -207,7 +207,7 @@ def _failing_build_on_rank(rank: int, world: int, port: int, out: str, failure: 
             if failure == "selection":  # 5 identical images: 320 distinct patches of 1600
                 data.images = data.images[:1].expand_as(data.images)
             pl.seed_everything(0)
-            size = 40 if failure == "memory" else 321
+            size = 40 if failure == "memory" else 0.25  # 400 of 1600 patches
             module = CFALitModule(BACKBONE, input_size=[64, 80],
                                   bank={"construction": "coreset", "size": size})  # fmt: skip
             module._trainer = SimpleNamespace(
@@ -242,7 +242,7 @@ def test_a_build_that_fails_on_one_rank_ends_on_every_rank(tmp_path, failure):
         assert ranks[0]["read"] == ranks[1]["read"] == []
         return
     assert ranks[0]["raised"][0] == "ValueError"  # rank 0's own error
-    selection = "model.bank.size=321 asks for 321 centres, but the pool holds only 320 distinct"
+    selection = "model.bank.size=0.25 asks for 400 centres, but the pool holds only 320 distinct"
     assert ranks[0]["raised"][1].startswith(selection)
     assert ranks[1]["raised"] == (
         "RuntimeError",

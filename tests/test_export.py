@@ -9,13 +9,7 @@ import pytest
 import torch
 
 from cfa_lightning.deploy import load_runtime
-from cfa_lightning.export import (
-    TRACE_BRANCH_WARNING,
-    ExportableCFA,
-    export,
-    tracing_quietly,
-    training_images,
-)
+from cfa_lightning.export import ExportableCFA, export, export_model, training_images
 from cfa_lightning.models.lit_module import CFALitModule
 
 
@@ -147,11 +141,11 @@ def test_a_bank_larger_than_h_times_w_exports_and_matches_pytorch(
     assert meta["bank"] == "coreset" and meta["bank_centres"] == model.bank.n_centres
 
 
-def test_the_trace_warnings_are_silenced_and_other_batch_sizes_score_the_same(
+def test_the_trace_warns_of_nothing_and_other_batch_sizes_score_the_same(
     trained_checkpoint, reference, tmp_path
 ):
-    """The six TracerWarnings of the model's own branches are silenced (export.py says why they
-    are harmless): batch sizes other than the traced 2 give the eager model's scores."""
+    """The model branches on no traced value (no TracerWarning, none filtered): batch sizes
+    other than the traced 2 give the eager model's scores."""
     ort = pytest.importorskip("onnxruntime")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -166,11 +160,15 @@ def test_the_trace_warnings_are_silenced_and_other_batch_sizes_score_the_same(
             _assert_close(ref, scripted(x))
         got = [torch.from_numpy(np.asarray(a)) for a in session.run(None, {"images": x.numpy()})]
         _assert_close(ref, got)
-    with warnings.catch_warnings(record=True) as caught, tracing_quietly():
-        warnings.simplefilter("always")  # outside the filter: still shown
-        warnings.warn_explicit(f"{TRACE_BRANCH_WARNING} (elsewhere)", torch.jit.TracerWarning,
-                               "other.py", 1, module="other")  # fmt: skip
-    assert len(caught) == 1
+
+
+def test_an_unbuilt_bank_stops_before_the_trace(trained_checkpoint, tmp_path):
+    """The traced graph leaves out CFA's check of the bank, so the export makes it."""
+    model = CFALitModule.from_checkpoint(trained_checkpoint).model
+    model.bank.fitted.fill_(False)
+    with pytest.raises(ValueError, match="the memory bank is not built"):
+        export_model(model, {}, {}, "torchscript", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # stopped before the folder, too
 
 
 def test_an_unwritable_output_dir_stops_before_the_export(trained_checkpoint, tmp_path,

@@ -362,11 +362,15 @@ def test_a_bad_tap_cache_budget_is_refused_naming_the_option(value):
         CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=value)
 
 
-def test_a_bank_size_beyond_the_data_stops_before_the_build_naming_the_largest_value():
+def test_a_bank_count_beyond_the_data_takes_every_patch_and_a_fraction_beyond_the_pool_stops():
     module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "coreset",
                                                                "size": 10_000})  # fmt: skip
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]  # 3 x 320 patches
-    with pytest.raises(ValueError, match=r"model.bank.size=10000.*largest valid size is 960"):
+    module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
+    assert module.model.bank.n_centres == 960  # the count is the most: every patch is a centre
+    module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "coreset",
+                                                               "size": 0.9, "max_patches": 600})  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.bank.size=0.9.*largest valid size is 600"):
         module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
     assert not bool(module.model.bank.fitted)
 

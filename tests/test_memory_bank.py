@@ -154,9 +154,13 @@ def test_bad_bank_options_name_the_option_and_the_largest_valid_value():
             MemoryBank(3, 4, 5, construction="coreset", size=bad)
     with pytest.raises(ValueError, match="gamma_c.*model.bank.size"):
         MemoryBank(3, 4, 5, construction="kmeans", gamma_c=2)
-    bank = MemoryBank(3, 4, 5, construction="coreset", size=500, max_patches=100)
-    with pytest.raises(ValueError, match=r"model.bank.size=500.*largest valid size is 96"):
+    bank = MemoryBank(3, 4, 5, construction="coreset", size=0.9, max_patches=100)
+    with pytest.raises(ValueError, match=r"model.bank.size=0.9.*largest valid size is 96"):
         bank.centres_for(6)  # 6 images x 20 patches = 120; the pool keeps 100 // 6 = 16 of each
+    # a count is the most centres: a smaller pool gives every patch it keeps
+    assert (
+        MemoryBank(3, 4, 5, construction="coreset", size=500, max_patches=100).centres_for(6) == 96
+    )
 
 
 def _owned_batches(n_images: int, dim: int = 3, side: int = 2):
@@ -217,19 +221,20 @@ def test_the_coreset_picks_each_point_once():
     assert len(set(greedy_coreset(distinct, 50, seed=0, projection_dim=1).tolist())) == 50
 
 
-@pytest.mark.parametrize("size", [6, 16])  # 16: the whole pool, taken without a selection
-def test_a_coreset_beyond_the_distinct_patches_is_refused_naming_the_size(size):
+@pytest.mark.parametrize(("size", "m"), [(0.5, 8), (1.0, 16)])  # 1.0: the whole pool, no selection
+def test_a_coreset_beyond_the_distinct_patches_is_refused_naming_the_size(size, m):
     same = torch.randn(1, 3, 2, 2).expand(4, -1, -1, -1)  # 4 identical images: 4 distinct patches
     bank = MemoryBank(3, 2, 2, construction="coreset", size=size)
     bank.update(same, torch.arange(4))
-    with pytest.raises(ValueError, match=rf"model.bank.size={size} asks for {size} centres, but "
+    with pytest.raises(ValueError, match=rf"model.bank.size={size} asks for {m} centres, but "
                                          r"the pool holds only 4 distinct patches \(of 16\)"):  # fmt: skip
         bank.finalize()
     assert not bool(bank.fitted)
-    bank = MemoryBank(3, 2, 2, construction="coreset", size=4)
-    bank.update(same, torch.arange(4))
-    bank.finalize()
-    assert len({tuple(c) for c in bank.centres.tolist()}) == 4
+    for count in (4, 16):  # a count is the most centres: each distinct patch once
+        bank = MemoryBank(3, 2, 2, construction="coreset", size=count)
+        bank.update(same, torch.arange(4))
+        bank.finalize()
+        assert bank.n_centres == 4 and len({tuple(c) for c in bank.centres.tolist()}) == 4
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "128"])
@@ -248,8 +253,11 @@ def test_a_bank_of_another_size_is_refused_naming_both_sizes():
                                          r"256.*data.image_size or model.bank.size"):  # fmt: skip
         MemoryBank(3, 16, 16).load_state_dict(small.state_dict())
     fixed, _ = _pooled("kmeans", 30)
-    with pytest.raises(ValueError, match=r"has 30 centres, but this model's kmeans bank has 40"):
-        MemoryBank(3, 4, 5, construction="kmeans", size=40).load_state_dict(fixed.state_dict())
+    with pytest.raises(ValueError, match=r"has 30 centres, but this model's kmeans bank has 20"):
+        MemoryBank(3, 4, 5, construction="kmeans", size=20).load_state_dict(fixed.state_dict())
+    capped = MemoryBank(3, 4, 5, construction="kmeans", size=40)  # a pool of 30 capped it
+    capped.load_state_dict(fixed.state_dict())
+    assert torch.equal(capped.centres, fixed.centres)
 
 
 def test_a_checkpoint_of_another_image_size_does_not_load_into_the_model():

@@ -61,6 +61,27 @@ def test_output_dir_is_the_run_folder_and_what_was_there_stays(tmp_path):
     assert (out / "predict.log").is_file()  # the log of the failed run stays beside it
 
 
+@pytest.mark.parametrize(
+    "module, given",
+    [
+        ("predict", "input=x.png"),
+        pytest.param("export", "ckpt_path=missing.ckpt", marks=pytest.mark.slow),  # 20 s
+    ],
+)
+def test_an_unwritable_output_dir_stops_with_one_line(tmp_path, module, given):
+    """Hydra would make the run folder and fail with a traceback; the callback checks it first
+    (a folder under a regular file cannot be made, even by root)."""
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub"
+    proc = _run(tmp_path, module, given, f"output_dir={out}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"error: output_dir='{out}' cannot be written (Not a directory); "
+        "give a folder you can write: output_dir=<folder>"
+    )
+    assert _tree(tmp_path) == ["afile"]
+
+
 def test_only_hydras_own_files_are_ever_removed(tmp_path):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)

@@ -21,9 +21,6 @@ import copy
 import json
 import logging
 import subprocess
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -50,31 +47,6 @@ QUANTIZE_SCOPES = ("backbone", "all")
 # search), "__module.model.descriptor/...", "__module.model.blur/..."; the backbone's convolutions
 # are "__module.model.backbone..." or, BatchNorm folded in, "Multiply_<n>".
 NOT_BACKBONE = r"^__module(\.model(\.(descriptor|blur|calibration|bank))?)?/.*"
-# Tracing the model (ONNX, OpenVINO, TorchScript) meets six Python branches on tensor values,
-# and torch warns that each "might not generalize to other inputs". None depends on what the
-# exported graph lets vary, the batch size:
-#   models/cfa.py, CFA._require_bank: the bank's fitted flag, a buffer (an export is fitted);
-#   models/descriptor.py, stack: whether a tap's (h_l, w_l) differs from the first tap's, set by
-#     the input's height and width, which the graph fixes at the model's input size;
-#   models/distances.py, candidates and nearest: k against the bank's size M, and M against
-#     k + MARGIN; whether the rows need several blocks: with chunk_bytes=None, never;
-#   models/maps.py, GaussianBlur.forward: the kernel's size, a buffer.
-# So those warnings, from the model's own modules only, are silenced around the trace;
-# tests/test_export.py scores batch sizes other than the traced one against the eager model.
-TRACE_BRANCH_WARNING = "Converting a tensor to a Python boolean might cause the trace"
-
-
-@contextmanager
-def tracing_quietly() -> Iterator[None]:
-    """The model's six harmless TracerWarnings (above) silenced; any other warning shows."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=TRACE_BRANCH_WARNING,
-            category=torch.jit.TracerWarning,
-            module=r"cfa_lightning\.models\.",
-        )
-        yield
 
 
 class ExportableCFA(nn.Module):
@@ -191,13 +163,12 @@ def training_split(data: dict) -> list[Path]:
 
 def _onnx(wrapper: ExportableCFA, example: Tensor, path: Path) -> None:
     try:
-        with tracing_quietly():
-            torch.onnx.export(
-                wrapper, (example,), str(path), dynamo=False, opset_version=17,
-                input_names=["images"], output_names=["scores", "normalized_scores", "maps"],
-                dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"},
-                              "normalized_scores": {0: "batch"}, "maps": {0: "batch"}},
-            )  # fmt: skip
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=False, opset_version=17,
+            input_names=["images"], output_names=["scores", "normalized_scores", "maps"],
+            dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"},
+                          "normalized_scores": {0: "batch"}, "maps": {0: "batch"}},
+        )  # fmt: skip
     except ImportError as err:
         raise ImportError(
             "ONNX export needs the export extra: pip install 'cfa-lightning[export]'"
@@ -211,8 +182,7 @@ def _openvino(wrapper: ExportableCFA, example: Tensor):
         raise ImportError(
             "format=openvino needs OpenVINO: pip install 'cfa-lightning[openvino]'"
         ) from err
-    with tracing_quietly():
-        traced = torch.jit.trace(wrapper, (example,), check_trace=False)  # the graph ONNX gets
+    traced = torch.jit.trace(wrapper, (example,), check_trace=False)  # the graph ONNX gets
     model = ov.convert_model(
         traced, example_input=example, input=[ov.PartialShape([-1, *example.shape[1:]])]
     )
@@ -279,8 +249,13 @@ def export_model(
         raise ValueError(f"quantize={quantize!r}; choose null or int8")
     if quantize and fmt != "openvino":
         raise ValueError("quantize=int8 needs format=openvino (NNCF quantises OpenVINO IR)")
+    if not bool(model.bank.fitted):  # the traced graph leaves CFA's own check out
+        raise ValueError(
+            "the memory bank is not built; train the model or load a trained checkpoint"
+        )
     out_dir = writable_folder(output_dir)  # before the export's work, not after it
     wrapper = ExportableCFA(model).eval()
+    wrapper.model.bank.search_index()  # built once here: the trace reads it, no shape branch
     meta = metadata(model, hparams, data, fmt)
     path = out_dir / FORMATS[fmt]
     example = torch.rand(2, 3, *model.input_size)
@@ -301,7 +276,7 @@ def export_model(
 
         ov.save_model(ov_model, str(path), compress_to_fp16=False)  # fp32 weights stay fp32
     else:
-        with torch.no_grad(), tracing_quietly():
+        with torch.no_grad():
             traced = torch.jit.trace(wrapper, (example,), check_trace=False)
         traced.save(str(path))
     (out_dir / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")

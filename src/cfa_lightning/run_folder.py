@@ -4,6 +4,7 @@ A Hydra callback (``hydra.callbacks.run_folder`` in conf/eval.yaml, predict.yaml
 
 - ``output_dir=`` given on the command line (predict, export): the run folder is that folder, so
   the outputs, the log and ``.hydra/`` are in one place (an explicit ``hydra.run.dir=`` wins);
+  one that cannot be written stops the run with one line, before Hydra tries to create it;
 - at exit, a run folder holding nothing but what Hydra wrote (``.hydra/`` and the job's log) is
   removed, with the empty folders above it that the run created: a run that failed before
   writing anything leaves no empty timestamped folder.
@@ -19,6 +20,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
+
+from .utils import writable_folder
 
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
@@ -63,12 +66,18 @@ class RunFolder(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         given = "output_dir" in config and not OmegaConf.is_interpolation(config, "output_dir")
         explicit = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
-        if given and config.output_dir is not None and not explicit:
+        redirect = given and config.output_dir is not None and not explicit
+        if redirect:
             with read_write(config.hydra.run):
                 config.hydra.run.dir = str(config.output_dir)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()  # ${now:} cached
         missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         self.created = missing[-1] if missing else None
+        if redirect:  # else Hydra's folder-making traceback; SystemExit: Hydra warns of the rest
+            try:
+                writable_folder(config.output_dir, "output_dir")
+            except ValueError as err:
+                raise SystemExit(f"error: {err}") from None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.runtime.output_dir)

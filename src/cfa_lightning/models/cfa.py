@@ -115,7 +115,9 @@ class CFA(nn.Module):
         return desc.permute(0, 2, 3, 1).reshape(-1, desc.shape[1])
 
     def _require_bank(self) -> None:
-        if torch.compiler.is_compiling():  # the check is a host read; eager calls make it
+        # the check is a host read: eager calls make it; compiled graphs and traces (export.py
+        # checks before tracing) leave it out
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return
         if not bool(self.bank.fitted):
             raise RuntimeError(

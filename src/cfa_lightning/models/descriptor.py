@@ -44,7 +44,8 @@ class PatchDescriptor(nn.Module):
             q = self.pool(feat)  # (B, C_l, h_l, w_l)
             if self.tap_norm:
                 q = q * self.tap_scales[i].to(q.dtype)
-            if q.shape[-2:] != (h, w):
+            # a trace keeps the resize: to the tap's own size it changes nothing
+            if torch.jit.is_tracing() or q.shape[-2:] != (h, w):
                 q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
             parts.append(q.permute(0, 2, 3, 1))  # (B, h, w, C_l), a view for channels-last taps
         ref = features[0]

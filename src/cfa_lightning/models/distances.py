@@ -49,6 +49,7 @@ class SearchIndex(NamedTuple):
     mean: Tensor  # (D',) mu, the bank mean: patches and centres are centred on it
     centred: Tensor  # (M, D') y = c - mu
     centred_sq: Tensor  # (M,) ||y||^2
+    size: int  # M, a Python int: traced graphs branch on no tensor shape
 
 
 def build_index(centres: Tensor) -> SearchIndex:
@@ -56,7 +57,13 @@ def build_index(centres: Tensor) -> SearchIndex:
     c64 = centres.detach().double()
     mean = c64.mean(dim=0)  # (D',)
     centred = (c64 - mean).float()  # (M, D')
-    return SearchIndex(centres.detach().float(), mean.float(), centred, centred.square().sum(1))
+    return SearchIndex(
+        centres.detach().float(),
+        mean.float(),
+        centred,
+        centred.square().sum(1),
+        int(centres.shape[0]),
+    )
 
 
 def float32_region(x: Tensor) -> torch.autocast:
@@ -129,7 +136,7 @@ def _nearest_block(
     ranking = torch.addmm(index.centred_sq.unsqueeze(0), x, index.centred.t(), alpha=-2.0)  # (n, M)
     if exclude is not None:  # a patch never ranks its own image's copies
         ranking.masked_fill_(exclude.patches.unsqueeze(1) == exclude.centres, float("inf"))
-    c = candidates(k, ranking.shape[1])
+    c = candidates(k, index.size)
     cand = torch.topk(ranking, c, dim=1, largest=False, sorted=False).indices  # (n, c)
     n = p.shape[0]
     if sub_rows is None or sub_rows >= n:
@@ -156,7 +163,7 @@ def nearest(
     """The k nearest centres of (N, D') patches: squared distances (float32, direct differences,
     ascending) and centre indices, both (N, k). budget_bytes=None: one block (exported graphs,
     whose batch size stays dynamic). ``exclude``: pairs left out (training only)."""
-    n_centres, dim = index.centres.shape
+    n_centres, dim = index.size, index.centres.shape[1]
     if k > n_centres:
         raise ValueError(
             f"need {k} nearest centres but the memory bank holds only {n_centres}; "
@@ -167,7 +174,7 @@ def nearest(
         n = p.shape[0]
         step = n if budget_bytes is None else block_rows(n_centres, dim, k, budget_bytes)
         sub = None if budget_bytes is None else DIRECT_ROWS
-        if step >= n:
+        if budget_bytes is None or step >= n:
             return _nearest_block(p, index, k, sub, exclude)
         blocks = [
             _nearest_block(p[s : s + step], index, k, sub, _rows(exclude, s, step))

@@ -35,13 +35,14 @@ class GaussianBlur(nn.Module):
         super().__init__()
         self.sigma = float(sigma)
         size = gaussian_sigma_kernel(sigma) if sigma > 0 else 1
+        self.size = size  # a Python int: no branch on the kernel buffer's shape (traces)
         x = torch.arange(size, dtype=torch.float64) - size // 2
         kernel = torch.exp(-(x**2) / (2 * max(self.sigma, 1e-12) ** 2))
         self.register_buffer("kernel", (kernel / kernel.sum()).float(), persistent=False)
 
     def forward(self, maps: Tensor) -> Tensor:
         """(B, 1, H, W) -> (B, 1, H, W)."""
-        size = self.kernel.numel()
+        size = self.size
         if size == 1:
             return maps
         pad = size // 2

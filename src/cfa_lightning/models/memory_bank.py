@@ -341,7 +341,8 @@ class Pooled(Construction):
 
     @property
     def size_follows_data(self) -> bool:
-        return isinstance(self.size, float)
+        # a fraction, or a count that a smaller pool caps (`MemoryBank.centres_for`)
+        return isinstance(self.size, int | float) and not isinstance(self.size, bool)
 
     def n_centres(self, height, width, n_patches=None):
         if self.size is None:
@@ -385,6 +386,11 @@ class Coreset(Pooled):
         pool, owners = kept.float(), owners.cpu()
         keys = row_keys(pool)  # (P,): equal patches, equal keys
         distinct = int(torch.unique(keys).numel())
+        if m > distinct and isinstance(self.size, int):  # a count is at most: every patch once
+            log.info(
+                "model.bank.size=%d: the pool holds %d distinct patches, each a centre", m, distinct
+            )
+            m = distinct
         if m > distinct:
             raise ValueError(
                 f"model.bank.size={self.size} asks for {m} centres, but the pool holds only "
@@ -495,6 +501,13 @@ class MemoryBank(nn.Module):
         n_patches = n_images * self.height * self.width
         m = self.strategy.n_centres(self.height, self.width, n_patches)
         kept = self.kept_rows(n_images)
+        if m > kept and self.pooled and isinstance(self.size, int):
+            # A count is the most centres: a smaller data set gives every patch it keeps.
+            log.info(
+                "model.bank.size=%d is more than the %d patches that %d bank images give: every "
+                "patch is a centre", m, kept, n_images,
+            )  # fmt: skip
+            return kept
         if m > kept:
             raise ValueError(
                 f"model.bank.size={self.size} asks for {m} centres, but the {n_images} bank images "
@@ -693,14 +706,16 @@ class MemoryBank(nn.Module):
         saved = state_dict.get(prefix + "centres")
         resized = saved is not None and saved.dim() == 2 and saved.shape[0] != self.n_centres
         if resized and saved.shape[1] == self.dim:
-            if not self.strategy.size_follows_data:
+            capped = isinstance(self.size, int) and not isinstance(self.size, bool)
+            if not self.strategy.size_follows_data or (capped and saved.shape[0] > self.size):
                 raise ValueError(
                     f"the checkpoint's memory bank has {saved.shape[0]} centres, but this "
                     f"model's {self.construction} bank has {self.n_centres}: the checkpoint was "
                     "trained at another data.image_size or model.bank.size (or model.gamma_c); "
                     "use the settings it was trained with, or train a new model"
                 )
-            # A bank sized by a fraction of the patches: the checkpoint knows its row count.
+            # A bank sized by the data (a fraction, or a count its pool capped): the checkpoint
+            # knows its row count.
             self.centres = self.centres.new_zeros(saved.shape)
             self.owners = self.owners.new_full((saved.shape[0],), NO_OWNER)
         if saved is not None and prefix + "owners" not in state_dict:
