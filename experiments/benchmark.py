@@ -37,7 +37,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from cfa_lightning.config import CONFIG_DIR
 from cfa_lightning.models.backbone import Backbone
 from cfa_lightning.models.cfa import CFA, CFAOutput
 from cfa_lightning.models.distances import squared_distances
@@ -168,12 +170,21 @@ def bank_label(bank: dict) -> str:
     return bank["construction"] + ("" if size is None else f" {size}")
 
 
+def default_model() -> dict:
+    """The loss settings (K, J) and taps of the project's default config, which every cell uses."""
+    model = OmegaConf.load(Path(CONFIG_DIR) / "model" / "cfa.yaml")
+    taps = OmegaConf.load(Path(CONFIG_DIR) / "backbone" / "efficientnet_lite0.yaml").out_indices
+    return {"K": int(model.K), "J": int(model.J), "taps": list(taps)}
+
+
 def run_cell(name: str, size: int, batch: int, precision: str, device: torch.device,
-             rounds: int, banks: list[dict], bank_images: int) -> list[dict]:  # fmt: skip
+             rounds: int, banks: list[dict], bank_images: int,
+             taps: list[int] | None = None) -> list[dict]:  # fmt: skip
     """One (backbone, size, batch, precision): a row per bank, every (bank, path) alternating in
     each round, train and inference. The first bank is the reference of the "vs h*w" ratios."""
     torch.manual_seed(0)
-    backbone = Backbone(name, pretrained=False)
+    settings = default_model()
+    backbone = Backbone(name, out_indices=taps or settings["taps"], pretrained=False)
     cell = {"backbone": name, "size": size, "batch": batch, "precision": precision,
             "device": str(device), "rounds": rounds, "bank_images": bank_images}  # fmt: skip
     rows, built, models = [], [], []
@@ -182,7 +193,12 @@ def run_cell(name: str, size: int, batch: int, precision: str, device: torch.dev
         try:
             torch.manual_seed(0)  # the same phi for every bank
             # Made on the CPU, where CFA probes the shared backbone before any model moves it.
-            built.append((rows[-1], CFA(backbone, input_size=size, bank=bank)))
+            built.append(
+                (
+                    rows[-1],
+                    CFA(backbone, input_size=size, bank=bank, K=settings["K"], J=settings["J"]),
+                )
+            )
         except Exception as err:  # a bank that cannot be made is a table row; the others run
             rows[-1]["error"] = f"{type(err).__name__}: {err}"[:300]
     for r, model in built:
@@ -314,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(0.1); default h*w")  # fmt: skip
     parser.add_argument("--bank-images", type=int,
                         help="random images every bank is built from (default: the batch size)")  # fmt: skip
+    parser.add_argument("--taps", type=int, nargs="+",
+                        help="backbone out_indices (default: the default config's, [2, 3])")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     args = parser.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
@@ -346,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in plan["backbones"]:
             try:
                 rows = run_cell(name, plan["size"], plan["batch"], precision, device,
-                                plan["rounds"], banks, bank_images)  # fmt: skip
+                                plan["rounds"], banks, bank_images, args.taps)  # fmt: skip
             except Exception as err:  # one cell's failure (out of memory, say) is a table row
                 rows = [{"backbone": name, "size": plan["size"], "batch": plan["batch"],
                          "precision": precision, "bank": bank_label(bank),

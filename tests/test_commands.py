@@ -49,16 +49,18 @@ def test_demo_trains_and_tests_end_to_end(demo_run):
     m = result["metrics"]
     assert result["protocol"] == "validated" and result["seed"] == 0 and result["tested"]
     assert result["backbone"] == "tf_efficientnet_lite0" and result["input_size"] == [96, 96]
-    # Drawn defects with real ImageNet features, seed 0, this config (epoch 0 chosen, stopped at
-    # epoch 1): measured image AUROC 1.000, pixel AUROC 0.9908, AUPRO 0.9534 (2-core CPU).
+    # Drawn defects with real ImageNet features, seed 0, this config: the positional bank at three
+    # taps measured AUPRO 0.9534; the default coreset at strides 8 and 16 (every patch of these
+    # small images a centre) measured 0.9289 (2-core AMD EPYC). The synthetic defects are
+    # coarse; on the four real development products the coreset won (docs/training.md).
     assert m["test/image_AUROC"] >= 0.99
     assert m["test/pixel_AUROC"] >= 0.975
-    assert m["test/pixel_AUPRO"] >= 0.935
+    assert m["test/pixel_AUPRO"] >= 0.92
     assert "test/image_AUROC" in proc.stdout  # the metrics table is printed
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "Building memory bank" in proc.stderr  # progress bar for the bank
     assert (
-        "memory bank (positional) built from 8 training images" in proc.stderr
+        "memory bank (coreset) built from 8 training images" in proc.stderr
     )  # 4 of 12 validate
 
 
@@ -201,7 +203,8 @@ def test_auto_size_is_chosen_recorded_and_reused_by_eval_and_predict(tmp_path):
                "data.generate_size=[48,128]", "data.image_size=auto", "data.pixels=6144",
                "data.val_fraction=0.34", "trainer.max_epochs=1", "logger=none",
                f"hydra.run.dir={out}")  # fmt: skip
-    assert "training images 48x128 (H x W, median of 8): model input 48x128" in proc.stdout
+    assert "data.image_size=auto: 8 training images, their aspects agree" in proc.stdout
+    assert "model input 48x128" in proc.stdout
     result = json.loads((out / "metrics.json").read_text())
     assert result["input_size"] == [48, 128] and result["image_size"] == [48, 128]
     assert result["auto_size"]["pixels"] == 6144 and result["auto_size"]["stride"] == 16

@@ -45,6 +45,12 @@ def test_paper_defaults(hydra_ctx):
     assert cfg.trainer.max_epochs == 30 and cfg.data.batch_size == 4
     assert cfg.data.image_size == "auto" and cfg.data.pixels == 256 * 256  # the default rule
     assert cfg.backbone.name.startswith("wide_resnet50_2")
+    # the default features and bank, chosen on four development products (docs/training.md)
+    assert list(cfg.backbone.out_indices) == [2, 3]
+    assert cfg.model.bank.construction == "coreset" and cfg.model.bank.size == 16384
+    paper_cfg = compose("train", overrides=["+experiment=wide_resnet50", "+protocol=paper"])
+    assert list(paper_cfg.backbone.out_indices) == [1, 2, 3]  # the paper's taps and bank
+    assert paper_cfg.model.bank.construction == "positional"
 
 
 def test_crop_sets_the_model_input_size(hydra_ctx):

@@ -57,7 +57,8 @@ def test_benchmark_quick_compares_fast_and_naive(script, capsys):
     code = benchmark.main(["--quick", "--backbones", "resnet18", "--size", "64", "--batch", "1"])
     assert code == 0
     out = capsys.readouterr().out
-    assert re.search(r"^\| resnet18 \| 64 \| 1 \| 32 \| positional \| 256 \|", out, re.M), out
+    # the default taps (strides 8 and 16): 8 x 8 positional centres at 64 px
+    assert re.search(r"^\| resnet18 \| 64 \| 1 \| 32 \| positional \| 64 \|", out, re.M), out
     assert "0 row(s) outside tolerance" in out
 
 
@@ -68,7 +69,8 @@ def test_bank_build_measures_one_bank(script, synthetic_root, capsys):
                      "--root", str(synthetic_root), "--category", "synthetic", "--size", "64",
                      "--batch", "4"])  # fmt: skip
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (run["construction"], run["centres"], run["dims"]) == ("positional", 256, 448)
+    # the default taps (strides 8 and 16): 8 x 8 centres of 128 + 256 dims at 64 px
+    assert (run["construction"], run["centres"], run["dims"]) == ("positional", 64, 384)
     assert run["build_s"] >= 0 and run["images"] > 0
 
 

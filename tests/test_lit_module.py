@@ -383,3 +383,11 @@ def test_a_bank_that_would_not_fit_stops_before_the_build(monkeypatch):
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]
     with pytest.raises(MemoryError, match=r"kmeans bank needs about .* GiB.*max_patches"):
         module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
+
+
+def test_resuming_a_checkpoint_of_another_input_size_is_refused_naming_both():
+    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module.on_load_checkpoint({"hyper_parameters": {"input_size": [64, 80]}})  # its own: fine
+    with pytest.raises(ValueError, match=r"trained at input size \[48, 96\].*model is \[64, 80\].*"
+                                         r"data.image_size=\[48, 96\]"):  # fmt: skip
+        module.on_load_checkpoint({"hyper_parameters": {"input_size": [48, 96]}})

@@ -304,14 +304,14 @@ def test_paper_protocol_and_refit(tmp_path):
     assert paper["selection"]["checkpoint"] == str(last) and f"checkpoint  {last}\n" in proc.stdout
     assert (
         "memory bank (positional) built from 12 training images" in proc.stderr
-    )  # all of train/good
+    )  # all of train/good, the paper's bank
     proc, refit = _train(tmp_path, "refit", "refit=true", "callbacks.early_stopping.patience=1")
     chosen = refit["selection"]["epoch"]
     assert refit["refit"] and refit["metrics"]["test/image_AUROC"] > 0.5
     assert (
-        "memory bank (positional) built from 8 training images" in proc.stderr
+        "memory bank (coreset) built from 8 training images" in proc.stderr
     )  # the selection run
-    assert "memory bank (positional) built from 12 training images" in proc.stderr  # the refit
+    assert "memory bank (coreset) built from 12 training images" in proc.stderr  # the refit
     saved = torch.load(tmp_path / "refit" / "checkpoints" / "refit.ckpt", weights_only=True)
     assert saved["epoch"] == chosen  # retrained for the chosen number of epochs
     assert "Restoring states" not in proc.stderr  # the refit model is tested, not the selected one

@@ -25,6 +25,7 @@ from ..distributed import (
     current_eval_loader,
 )
 from ..metrics import AnomalyMetrics
+from ..sizes import as_size
 from ..utils import plain
 from .backbone import build_backbone
 from .bank_build import build_bank
@@ -106,6 +107,17 @@ class CFALitModule(pl.LightningModule):
     def from_checkpoint_dict(cls, ckpt: Mapping[str, Any], path: str | Path) -> CFALitModule:
         """Rebuild from a loaded checkpoint; the backbone weights come from it, not the hub."""
         return rebuild_module(cls, ckpt, path)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming (ckpt_path=) into a model of another input size would train on with a bank
+        # of another resolution: refuse it, naming both sizes.
+        saved = checkpoint.get("hyper_parameters", {}).get("input_size")
+        if saved is not None and tuple(as_size(saved)) != tuple(self.model.input_size):
+            raise ValueError(
+                f"the checkpoint was trained at input size {list(as_size(saved))} (H, W), but this "
+                f"run's model is {list(self.model.input_size)}: set data.image_size={list(as_size(saved))} "
+                "(an auto-sized run keeps its size only with the same images), or train anew"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A datamodule built by Hydra keeps DictConfig arguments in its hyper-parameters; stored
