@@ -59,9 +59,7 @@ def test_demo_trains_and_tests_end_to_end(demo_run):
     assert "test/image_AUROC" in proc.stdout  # the metrics table is printed
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "Building memory bank" in proc.stderr  # progress bar for the bank
-    assert (
-        "memory bank (coreset) built from 8 training images" in proc.stderr
-    )  # 4 of 12 validate
+    assert "memory bank (coreset) built from 8 training images" in proc.stderr  # 4 of 12 validate
 
 
 def test_the_validated_default_tests_the_best_epoch_and_stops_early(demo_run):

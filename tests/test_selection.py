@@ -308,9 +308,7 @@ def test_paper_protocol_and_refit(tmp_path):
     proc, refit = _train(tmp_path, "refit", "refit=true", "callbacks.early_stopping.patience=1")
     chosen = refit["selection"]["epoch"]
     assert refit["refit"] and refit["metrics"]["test/image_AUROC"] > 0.5
-    assert (
-        "memory bank (coreset) built from 8 training images" in proc.stderr
-    )  # the selection run
+    assert "memory bank (coreset) built from 8 training images" in proc.stderr  # the selection run
     assert "memory bank (coreset) built from 12 training images" in proc.stderr  # the refit
     saved = torch.load(tmp_path / "refit" / "checkpoints" / "refit.ckpt", weights_only=True)
     assert saved["epoch"] == chosen  # retrained for the chosen number of epochs
