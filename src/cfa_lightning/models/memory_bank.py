@@ -18,6 +18,7 @@ of that image's search (docs/method.md, "own copies"), so adaptation is not pull
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib
 import logging
@@ -201,7 +202,7 @@ def _gib(n_bytes: int) -> str:
 # ---- constructions ---------------------------------------------------------------------------
 
 
-class Construction:
+class Construction(abc.ABC):
     """How a bank's M centres are made from phi's initial output; one subclass per
     ``model.bank.construction``, registered under its ``name`` when it is defined.
 
@@ -239,18 +240,18 @@ class Construction:
         """True when M depends on the bank images (a fraction): a checkpoint brings its own."""
         return False
 
+    @abc.abstractmethod
     def n_centres(self, height: int, width: int, n_patches: int | None = None) -> int | None:
         """M for an (h, w) feature map and ``n_patches`` bank patches (None: not known yet, and
         then None for a size that depends on them). Refuses options that cannot give a bank."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(
         self, kept: Tensor, count: Tensor, owners: Tensor | None, m: int
     ) -> tuple[Tensor, Tensor]:
         """The centres (M, D') and their owners (M,) int64 from what the build kept: the pool
         (P, D') float32 with its owners (P,), or the sums (D', h, w) float64 (owners None); count:
         the bank images, () float64."""
-        raise NotImplementedError
 
     def work_bytes(self, rows: int, dim: int, m: int) -> Bytes:
         """Memory `finish` needs beside what was kept (``rows`` patches or positions of ``dim``
