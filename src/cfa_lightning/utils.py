@@ -47,8 +47,7 @@ def writable_folder(folder: str | Path, option: str = "output_dir") -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()  # a file can be made, then it is gone
     except OSError as err:
         raise ValueError(
             f"{option}={str(folder)!r} cannot be written ({err.strerror or type(err).__name__}); "
