@@ -23,7 +23,7 @@ from .distances import (
 )
 from .loss import CFALoss
 from .maps import CFAOutput, GaussianBlur, score_maps
-from .memory_bank import NO_OWNER, MemoryBank
+from .memory_bank import MemoryBank
 
 __all__ = ["CFA", "CFAOutput"]
 
@@ -162,9 +162,9 @@ class CFA(nn.Module):
 
     def _exclusion(self, owners: Tensor | None, hw: int) -> Exclusion | None:
         """The (patch, centre) pairs a batch's search leaves out; None when no centre is owned."""
-        centre_owners = self.bank.owners  # (M,)
-        if owners is None or not bool((centre_owners != NO_OWNER).any()):
+        if owners is None or not self.bank.has_owners():
             return None
+        centre_owners = self.bank.owners  # (M,)
         return Exclusion(owners.to(centre_owners.device).repeat_interleave(hw), centre_owners)
 
     def _output(self, nearest_sq: Tensor, desc_shape, out_size) -> CFAOutput:

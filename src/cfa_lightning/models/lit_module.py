@@ -112,11 +112,14 @@ class CFALitModule(pl.LightningModule):
         # Resuming (ckpt_path=) into a model of another input size would train on with a bank
         # of another resolution: refuse it, naming both sizes.
         saved = checkpoint.get("hyper_parameters", {}).get("input_size")
-        if saved is not None and tuple(as_size(saved)) != tuple(self.model.input_size):
+        if saved is None:
+            return
+        trained, current = list(as_size(saved)), list(self.model.input_size)
+        if trained != current:
             raise ValueError(
-                f"the checkpoint was trained at input size {list(as_size(saved))} (H, W), but this "
-                f"run's model is {list(self.model.input_size)}: set data.image_size={list(as_size(saved))} "
-                "(an auto-sized run keeps its size only with the same images), or train anew"
+                f"the checkpoint was trained at input size {trained} (H, W), but this run's model "
+                f"is {current}: set data.image_size={trained} (an auto-sized run keeps its size "
+                "only with the same images), or train anew"
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -468,6 +468,7 @@ class MemoryBank(nn.Module):
         # (M,) int64: the training image each centre copies, NO_OWNER if none (see the docstring)
         self.register_buffer("owners", torch.full((self.centres.shape[0],), NO_OWNER))
         self._index_cache: dict = {}
+        self._owned_cache: dict = {}
         self.reset()
 
     @property
@@ -728,6 +729,14 @@ class MemoryBank(nn.Module):
         """The most centres any one training image owns: its search has M minus these left."""
         owned = self.owners[self.owners != NO_OWNER]
         return int(torch.unique(owned, return_counts=True)[1].max()) if owned.numel() else 0
+
+    def has_owners(self) -> bool:
+        """Whether any centre is one image's own copy; read once per bank, not per training step
+        (a host read), and again when the owners change (a build, a loaded checkpoint)."""
+        key = (self.owners.device, self.owners.data_ptr(), self.owners._version)
+        if self._owned_cache.get("key") != key:
+            self._owned_cache = {"key": key, "owned": bool((self.owners != NO_OWNER).any())}
+        return self._owned_cache["owned"]
 
     def search_index(self) -> SearchIndex:
         """Centred centres and their squared norms for `distances.nearest`, built once and cached
