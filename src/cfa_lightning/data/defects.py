@@ -14,6 +14,8 @@ Families (ideas from the literature, written for this project):
   another normal image or a colour / brightness shift, blended in (as DRAEM does, Zavrtanik et
   al., ICCV 2021);
 - ``scratch``: one or two thin bright or dark polylines;
+- ``crack``: a long, jagged line one or two pixels wide that darkens what lies under it, often
+  with a branch: a faint defect, where the others are loud;
 - ``spot``: a small filled ellipse of a foreign colour.
 
 Choosing detectors on such anomalies follows SWSA (Fung et al., arXiv 2310.10461).
@@ -183,6 +185,40 @@ def _scratch(rng: np.random.Generator, image: np.ndarray, sources: Sources) -> n
     return out
 
 
+def _crack(rng: np.random.Generator, image: np.ndarray, sources: Sources) -> np.ndarray:
+    """A jagged dark line, 1-2 px wide, that multiplies the image by 0.4-0.75 (low contrast)."""
+    h, w = image.shape[:2]
+    width = int(rng.integers(1, 3))
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    length = rng.uniform(0.15, 0.40) * max(h, w)
+    n_steps = int(rng.integers(8, 17))
+    step = length / n_steps
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    x, y = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+    points = [(x, y)]
+    for _ in range(n_steps):  # a random walk that keeps its direction roughly
+        angle += rng.uniform(-0.6, 0.6)
+        x = float(np.clip(x + math.cos(angle) * step, 0, w - 1))
+        y = float(np.clip(y + math.sin(angle) * step, 0, h - 1))
+        points.append((x, y))
+    draw.line(points, fill=255, width=width)
+    if rng.random() < 0.5:  # a branch from a point of the line
+        bx, by = points[int(rng.integers(1, len(points) - 1))]
+        branch_angle = angle + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.2)
+        tail = [(bx, by)]
+        for _ in range(int(rng.integers(2, 6))):
+            branch_angle += rng.uniform(-0.6, 0.6)
+            bx = float(np.clip(bx + math.cos(branch_angle) * step, 0, w - 1))
+            by = float(np.clip(by + math.sin(branch_angle) * step, 0, h - 1))
+            tail.append((bx, by))
+        draw.line(tail, fill=255, width=1)
+    region = np.asarray(canvas) > 0  # (H, W)
+    out = image.copy()
+    out[region] = image[region] * rng.uniform(0.40, 0.75)
+    return out
+
+
 def _spot(rng: np.random.Generator, image: np.ndarray, sources: Sources) -> np.ndarray:
     """A filled, rotated ellipse of a foreign (blue or red) colour."""
     h, w = image.shape[:2]
@@ -208,6 +244,7 @@ _FAMILIES: dict[str, Callable[[np.random.Generator, np.ndarray, Sources], np.nda
     "perlin": _perlin,
     "scratch": _scratch,
     "spot": _spot,
+    "crack": _crack,
 }
 DEFECT_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 
