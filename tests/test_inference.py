@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from cfa_lightning.geometry import map_to_image
-from cfa_lightning.inference import Predictor, to_pil
+from cfa_lightning.images import to_pil
+from cfa_lightning.inference import Predictor
 from cfa_lightning.metrics import AnomalyMetrics
 from cfa_lightning.models.lit_module import CFALitModule
 

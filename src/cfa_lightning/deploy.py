@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .geometry import map_to_image, mask_to_image, preprocess
-from .images import array_to_pil, load_rgb, to_rgb
+from .images import ImageLike, to_pil
 from .visualize import HeatScale
 
 FORMAT_VERSION = 1  # of metadata.json; cfa-export writes it, newer ones are refused here
@@ -37,8 +36,6 @@ EXTRAS = {"onnxruntime": "deploy", "openvino": "openvino"}
 # OpenVINO's CPU plugin runs float32 models in bf16 on CPUs with native bf16 (AVX512-BF16, AMX):
 # maps with steps of 2^-8 of their value, and scores 0.4% off PyTorch's. Exports are float32 (or INT8 where NNCF put it): run them as saved.
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
-
-ImageLike = Image.Image | np.ndarray | str | Path
 
 
 class DeployError(ValueError):
@@ -55,17 +52,6 @@ class Prediction:
     is_anomalous: bool | None  # None if the model is not calibrated
     anomaly_map: np.ndarray  # (H, W) float32 raw map at the input image's resolution
     mask: np.ndarray | None  # (H, W) bool predicted defect pixels; None if not calibrated
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """A path, PIL image or numpy array -> 8-bit RGB PIL image (the rules of images.py)."""
-    if isinstance(image, str | Path):
-        return load_rgb(image)
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return array_to_pil(image)
-    raise TypeError(f"cannot score an object of type {type(image).__name__}")
 
 
 def read_metadata(model_dir: str | Path) -> dict[str, Any]:
@@ -137,8 +123,8 @@ def to_prediction(
         mask = fmap >= min(pixel_thr, float(fmap.max()))  # (h, w), never empty
     else:
         mask = np.zeros(fmap.shape, dtype=bool)
-    return Prediction(float(score), float(normalized), flagged, raw,
-                      mask_to_image(mask, size, resize, crop))  # fmt: skip
+    image_mask = mask_to_image(mask, size, resize, crop)  # (H0, W0)
+    return Prediction(float(score), float(normalized), flagged, raw, image_mask)
 
 
 def unreadable_model(path: Path, runtime: str, err: Exception) -> DeployError:
@@ -226,12 +212,12 @@ class Inferencer:
         batch = np.stack([preprocess(im, self.resize, self.crop) for im in pils])  # (B, 3, h, w)
         scores, normalized, maps = self.run(batch)
         image_thr, pixel_thr = self.metadata["image_threshold"], self.metadata["pixel_threshold"]
-        results = []
-        for pil, score, norm, fmap in zip(pils, scores, normalized, maps, strict=True):
-            thresholds = (image_thr, pixel_thr) if self.calibrated else None
-            results.append(to_prediction(score, norm, fmap, pil.size[::-1], self.resize,
-                                         self.crop, thresholds))  # fmt: skip
-        return results
+        thresholds = (image_thr, pixel_thr) if self.calibrated else None
+        rows = zip(pils, scores, normalized, maps, strict=True)
+        return [
+            to_prediction(score, norm, fmap, pil.size[::-1], self.resize, self.crop, thresholds)
+            for pil, score, norm, fmap in rows
+        ]
 
 
 def default_threads() -> int:

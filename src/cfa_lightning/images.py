@@ -7,17 +7,37 @@ torch-free deploy path (deploy.py) all read images here, so an image is the same
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "MIN_IMAGE_SIDE", "array_to_pil", "image_hw", "load_mask",
-           "load_rgb", "to_mask_l", "to_rgb", "upright"]  # fmt: skip
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIDE",
+    "ImageLike",
+    "array_to_pil",
+    "image_hw",
+    "load_mask",
+    "load_rgb",
+    "to_mask_l",
+    "to_pil",
+    "to_rgb",
+    "upright",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Smallest image side (pixels) accepted: below it an image carries too little detail to be
 # resized to data.image_size meaningfully (a 16 px image would be upscaled 16x to 256).
 MIN_IMAGE_SIDE = 32
+
+# What `Predictor` and `Inferencer` score. A tensor is named, not imported: deploy runs without torch.
+ImageLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 
 # Modes whose samples are 16-bit unsigned integers (0..65535).
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -164,6 +184,24 @@ def array_to_pil(a: np.ndarray) -> Image.Image:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
         raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
     return to_rgb(Image.fromarray(np.ascontiguousarray(a)))
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """Any image a user scores -> 8-bit RGB PIL image: a path (`load_rgb`), a PIL image
+    (`to_rgb`), a numpy array (`array_to_pil`) or a (C, H, W) or (H, W, C) torch tensor."""
+    if isinstance(image, str | Path):
+        return load_rgb(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    torch = sys.modules.get("torch")  # a tensor exists only where torch is already imported
+    if torch is not None and isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):  # (C, H, W) -> (H, W, C)
+            t = t.permute(1, 2, 0)
+        image = t.numpy()
+    if isinstance(image, np.ndarray):
+        return array_to_pil(image)
+    raise TypeError(f"cannot score an object of type {type(image).__name__}")
 
 
 def image_hw(path: str | os.PathLike) -> tuple[int, int]:

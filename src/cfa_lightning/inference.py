@@ -13,27 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from . import deploy
 from .checkpoint import load_checkpoint
 from .deploy import Prediction, to_prediction
 from .geometry import preprocess
+from .images import ImageLike, to_pil
 from .models.cfa import CFA
 from .sizes import trained_sizes
-
-ImageLike = Image.Image | np.ndarray | torch.Tensor | str | Path
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """Any supported image -> 8-bit RGB PIL image: a (C, H, W) or (H, W, C) tensor, or what
-    `deploy.to_pil` takes (path, PIL image, numpy array; grayscale, RGBA, 16-bit, float)."""
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4):  # (C, H, W) -> (H, W, C)
-            t = t.permute(1, 2, 0)
-        image = t.numpy()
-    return deploy.to_pil(image)
 
 
 class Predictor:
@@ -88,9 +74,9 @@ class Predictor:
         if self.calibrated:
             thresholds = (float(cal.image_threshold), float(cal.pixel_threshold))
             normalized = cal.normalize(out.image_scores, cal.image_threshold)
-        rows = zip(pils, out.image_scores, normalized, out.maps, strict=True)
+        maps = out.maps.float().cpu().numpy()  # (B, h, w)
+        rows = zip(pils, out.image_scores.tolist(), normalized.tolist(), maps, strict=True)
         return [
-            to_prediction(float(score), float(norm), fmap.float().cpu().numpy(), pil.size[::-1],
-                          self.resize, self.crop, thresholds)
+            to_prediction(score, norm, fmap, pil.size[::-1], self.resize, self.crop, thresholds)
             for pil, score, norm, fmap in rows
-        ]  # fmt: skip
+        ]
