@@ -18,14 +18,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .sizes import as_size, config_input_size, is_auto, model_input_size, trained_sizes
+from .sizes import as_size, config_input_size, is_auto, trained_sizes
 
 CONFIG_DIR = os.environ.get("CFA_CONFIG_DIR", str(Path(__file__).resolve().parent / "conf"))
-
-
-def input_size(image_size, crop_size=None) -> list[int]:
-    """The (H, W) the model sees, as a list for the configs (see sizes.model_input_size)."""
-    return list(model_input_size(image_size, crop_size))
 
 
 @functools.lru_cache(maxsize=4)
@@ -223,18 +218,22 @@ class ConfigCheck(Callback):
         check_train_config(config)
 
 
+# The ${cfa_...:} resolvers the configs use, by name.
+RESOLVERS = {
+    "cfa_input_size": config_input_size,
+    "cfa_sweep_group": sweep_group,
+    "cfa_job_name": job_name,
+    "cfa_trained_size": trained_size,
+    "cfa_folder_name": folder_name,
+    "cfa_tasks_per_node": tasks_per_node,
+    "cfa_gpus_per_node": gpus_per_node,
+    "cfa_ray_gpus_per_job": ray_gpus_per_job,
+}
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("cfa_input_size"):
-        OmegaConf.register_new_resolver("cfa_input_size", config_input_size)
-    if not OmegaConf.has_resolver("cfa_sweep_group"):
-        OmegaConf.register_new_resolver("cfa_sweep_group", sweep_group)
-    if not OmegaConf.has_resolver("cfa_job_name"):
-        OmegaConf.register_new_resolver("cfa_job_name", job_name)
-    for name, resolver in (("cfa_trained_size", trained_size),
-                           ("cfa_folder_name", folder_name),
-                           ("cfa_tasks_per_node", tasks_per_node),
-                           ("cfa_gpus_per_node", gpus_per_node),
-                           ("cfa_ray_gpus_per_job", ray_gpus_per_job)):  # fmt: skip
+    """Register each of RESOLVERS that OmegaConf does not know yet (safe to call again)."""
+    for name, resolver in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

@@ -17,8 +17,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import exits_on_checkpoint_error, load_checkpoint
-from .config import CONFIG_DIR, command_line_keys, input_size, job_choices
+from .config import CONFIG_DIR, command_line_keys, job_choices
 from .models.lit_module import CFALitModule
+from .sizes import model_input_size
 from .utils import (
     closing_loggers,
     format_table,
@@ -114,7 +115,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data, source = data_config(cfg, ckpt.get("datamodule_hyper_parameters"))
     log.info(source)
     trained = list(model.model.input_size)
-    asked = input_size(plain(data.image_size), plain(data.crop_size))
+    asked = list(model_input_size(plain(data.image_size), plain(data.crop_size)))
     if trained != asked:
         raise ValueError(
             f"{cfg.ckpt_path} was trained at input size {trained} but data.image_size/data.crop_size "
