@@ -5,6 +5,9 @@ is set; that is what the model sees. Its (h, w) map goes back onto the part of t
 came from, the rest at the map's lowest value. Training (data/transforms.py), `inference.Predictor`
 and `deploy.Inferencer` all take the crop box from here, and the last two the whole path, so an
 image gives the same input, map and mask in PyTorch and in an exported model.
+
+sizes.py decides the sizes (the parsing, ``auto``, the smallest side); this module moves pixels
+by them: an image into the model's input, a map and a mask back onto the image.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ def preprocess(image: Image.Image, resize: Size, crop: Size | None) -> np.ndarra
     clamped, since the filter overshoots at sharp edges; then the centre crop.
     """
     pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H0, W0, 3)
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c]), "F").resize(
-            (int(resize[1]), int(resize[0])), Image.Resampling.BILINEAR))
-        for c in range(3)
-    ]  # fmt: skip
+    width_height = (int(resize[1]), int(resize[0]))  # PIL's order
+    channels = []
+    for c in range(3):
+        channel = Image.fromarray(np.ascontiguousarray(pixels[..., c]), "F")
+        channels.append(np.asarray(channel.resize(width_height, Image.Resampling.BILINEAR)))
     x = np.clip(np.stack(channels), 0.0, 1.0)  # (3, H, W)
     if crop is not None:
         top, left = crop_box(resize, crop)

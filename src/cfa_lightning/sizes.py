@@ -1,5 +1,7 @@
 """Image sizes as configs give them, parsed in one place: an int for a square, an (H, W) pair, or
-``auto`` (the training images' shape at a pixel budget, chosen when training starts)."""
+``auto`` (the training images' shape at a pixel budget, chosen when training starts); and the
+sizes that follow from them: the model's input, the smallest side that works, a checkpoint's
+resize and crop. geometry.py moves pixels by these sizes."""
 
 from __future__ import annotations
 
