@@ -33,6 +33,7 @@ FORMAT_VERSION = 1  # of metadata.json; cfa-export writes it, newer ones are ref
 RUNTIMES = ("onnxruntime", "openvino")
 MODEL_FILES = {"onnxruntime": ("model.onnx",), "openvino": ("model.xml", "model.onnx")}
 EXTRAS = {"onnxruntime": "deploy", "openvino": "openvino"}
+OUTPUTS = ("scores", "normalized_scores", "maps")  # the graph's outputs, as cfa-export names them
 # OpenVINO's CPU plugin runs float32 models in bf16 on CPUs with native bf16 (AVX512-BF16, AMX):
 # maps with steps of 2^-8 of their value, and scores 0.4% off PyTorch's. Exports are float32 (or INT8 where NNCF put it): run them as saved.
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -156,7 +157,7 @@ class _OnnxRuntime:
             raise unreadable_model(path, "onnxruntime", err) from None
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(["scores", "normalized_scores", "maps"], {"images": batch})
+        return self.session.run(list(OUTPUTS), {"images": batch})
 
 
 class _OpenVINO:
@@ -171,7 +172,7 @@ class _OpenVINO:
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         out = self.model(batch)
-        return [out[self.model.output(name)] for name in ("scores", "normalized_scores", "maps")]
+        return [out[self.model.output(name)] for name in OUTPUTS]
 
 
 def load_runtime(runtime: str, path: Path, threads: int | None = None):

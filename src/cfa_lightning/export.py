@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoint import CheckpointError, exits_on_checkpoint_error, load_checkpoint
 from .config import CONFIG_DIR
-from .deploy import FORMAT_VERSION, preprocess
+from .deploy import FORMAT_VERSION, OUTPUTS
+from .geometry import preprocess
 from .images import IMAGE_EXTENSIONS, load_rgb
 from .models.cfa import CFA
 from .sizes import trained_sizes
@@ -65,11 +66,14 @@ class ExportableCFA(nn.Module):
 
 
 def git_revision() -> str:
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return done.stdout.strip()
 
 
 def _finite(value: Tensor) -> float | None:
@@ -81,20 +85,27 @@ def metadata(model: CFA, hparams: dict, data: dict, fmt: str) -> dict:
     resize, crop = trained_sizes(data, model.input_size)
     scale = HeatScale.from_calibration(cal)
     h, w = model.input_size
+    images = (
+        f"float32 (B, 3, {h}, {w}) in [0, 1], RGB: resized to `resize` (antialiased bilinear), "
+        "clamped, centre-cropped to `crop`"
+    )
+    outputs = {
+        "scores": "(B,)",
+        "normalized_scores": "(B,), threshold at 0.5",
+        "maps": f"(B, {h}, {w}) raw anomaly maps",
+    }
+    mean, std = model.backbone.mean.flatten().tolist(), model.backbone.std.flatten().tolist()
     return {
         "format_version": FORMAT_VERSION,
         "format": fmt,
         "model_file": FORMATS[fmt],
         "precision": "fp32",
-        "inputs": {"images": f"float32 (B, 3, {h}, {w}) in [0, 1], RGB: resized to `resize` "
-                             "(antialiased bilinear), clamped, centre-cropped to `crop`"},
-        "outputs": {"scores": "(B,)", "normalized_scores": "(B,), threshold at 0.5",
-                    "maps": f"(B, {h}, {w}) raw anomaly maps"},
+        "inputs": {"images": images},
+        "outputs": outputs,
         "resize": list(resize),
         "crop": list(crop) if crop else None,
         "input_size": [h, w],
-        "normalization": {"mean": model.backbone.mean.flatten().tolist(),
-                          "std": model.backbone.std.flatten().tolist(), "in_graph": True},
+        "normalization": {"mean": mean, "std": std, "in_graph": True},
         "calibrated": bool(cal.fitted),
         "image_threshold": _finite(cal.image_threshold),
         "pixel_threshold": _finite(cal.pixel_threshold),
@@ -110,7 +121,7 @@ def metadata(model: CFA, hparams: dict, data: dict, fmt: str) -> dict:
         "blur_sigma": model.blur_sigma,
         "package_version": __version__,
         "git_revision": git_revision(),
-    }  # fmt: skip
+    }
 
 
 def training_images(data: dict, calibration_dir: str | Path | None) -> list[Path]:
@@ -143,8 +154,14 @@ def training_split(data: dict) -> list[Path]:
     skip_bad = bool(data.get("skip_bad_images"))
     split = {k: data[k] for k in ("val_fraction", "split_seed") if data.get(k) is not None}
     if data.get("normal_dir"):  # data=folder
-        folders = ("normal_dir", "abnormal_dirs", "mask_dir", "normal_test_dir", "val_dir",
-                   "test_fraction")  # fmt: skip
+        folders = (
+            "normal_dir",
+            "abnormal_dirs",
+            "mask_dir",
+            "normal_test_dir",
+            "val_dir",
+            "test_fraction",
+        )
         split.update({k: data[k] for k in folders if data.get(k) is not None})
         datamodule = FolderDataModule(root=data["root"], **split)
     else:  # data=mvtec and the MVTec-layout synthetic set
@@ -162,13 +179,18 @@ def training_split(data: dict) -> list[Path]:
 
 
 def _onnx(wrapper: ExportableCFA, example: Tensor, path: Path) -> None:
+    batch_axis = {name: {0: "batch"} for name in ("images", *OUTPUTS)}  # dim 0 is dynamic
     try:
         torch.onnx.export(
-            wrapper, (example,), str(path), dynamo=False, opset_version=17,
-            input_names=["images"], output_names=["scores", "normalized_scores", "maps"],
-            dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"},
-                          "normalized_scores": {0: "batch"}, "maps": {0: "batch"}},
-        )  # fmt: skip
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["images"],
+            output_names=list(OUTPUTS),
+            dynamic_axes=batch_axis,
+        )
     except ImportError as err:
         raise ImportError(
             "ONNX export needs the export extra: pip install 'cfa-lightning[export]'"
@@ -186,7 +208,7 @@ def _openvino(wrapper: ExportableCFA, example: Tensor):
     model = ov.convert_model(
         traced, example_input=example, input=[ov.PartialShape([-1, *example.shape[1:]])]
     )
-    for output, name in zip(model.outputs, ("scores", "normalized_scores", "maps"), strict=True):
+    for output, name in zip(model.outputs, OUTPUTS, strict=True):
         output.get_tensor().set_names({name})
     return model
 
@@ -227,8 +249,17 @@ def export(
     ckpt = load_checkpoint(ckpt_path)
     module = CFALitModule.from_checkpoint_dict(ckpt, ckpt_path)
     data = ckpt.get("datamodule_hyper_parameters", {})
-    return export_model(module.model, dict(module.hparams), data, fmt, output_dir, quantize,
-                        calibration_dir, quantize_scope, subset_size)  # fmt: skip
+    return export_model(
+        module.model,
+        dict(module.hparams),
+        data,
+        fmt,
+        output_dir,
+        quantize,
+        calibration_dir,
+        quantize_scope,
+        subset_size,
+    )
 
 
 def export_model(
@@ -266,12 +297,15 @@ def export_model(
             ov_model = _openvino(wrapper, example)
         if quantize:
             images = training_images(data, calibration_dir)
+            resize = tuple(meta["resize"])
             crop = tuple(meta["crop"]) if meta["crop"] else None
-            ov_model = quantize_int8(ov_model, images, tuple(meta["resize"]), crop,
-                                     quantize_scope, subset_size)  # fmt: skip
-            meta.update(precision="int8", quantize_scope=quantize_scope,
-                        calibration={"folder": str(images[0].parent), "images": len(images),
-                                     "used": min(subset_size, len(images))})  # fmt: skip
+            ov_model = quantize_int8(ov_model, images, resize, crop, quantize_scope, subset_size)
+            calibration = {
+                "folder": str(images[0].parent),
+                "images": len(images),
+                "used": min(subset_size, len(images)),
+            }
+            meta.update(precision="int8", quantize_scope=quantize_scope, calibration=calibration)
         import openvino as ov
 
         ov.save_model(ov_model, str(path), compress_to_fp16=False)  # fp32 weights stay fp32
@@ -288,8 +322,15 @@ def export_model(
 @exits_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     try:
-        export(cfg.ckpt_path, cfg.format, cfg.output_dir, cfg.quantize, cfg.calibration_dir,
-               cfg.quantize_scope, cfg.calibration_subset)  # fmt: skip
+        export(
+            cfg.ckpt_path,
+            cfg.format,
+            cfg.output_dir,
+            cfg.quantize,
+            cfg.calibration_dir,
+            cfg.quantize_scope,
+            cfg.calibration_subset,
+        )
     except (ValueError, ImportError) as err:
         if isinstance(err, CheckpointError):
             raise

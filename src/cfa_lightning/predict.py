@@ -121,8 +121,8 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         left = round((self.total - self.done) / rate)
         eta = f", about {left // 60} min {left % 60:02d} s left" if self.done < self.total else ""
-        log.info("[%d/%d] %s %s; %.2f file(s)/s%s", self.done, self.total, path.name, what, rate,
-                 eta)  # fmt: skip
+        done = f"[{self.done}/{self.total}] {path.name} {what}"
+        log.info("%s; %.2f file(s)/s%s", done, rate, eta)
 
 
 def read_image(path: Path) -> Image.Image | None:
@@ -131,8 +131,12 @@ def read_image(path: Path) -> Image.Image | None:
         return load_rgb(path)
     except (ValueError, OSError) as err:  # FileNotFoundError is an OSError
         reason = err.__cause__ or err  # the decoder's words, without training's advice
-        log.error("skipped %s: cannot read it as an image (%s); re-save it as PNG or JPEG, "
-                  "or leave it out of input=", path, reason)  # fmt: skip
+        log.error(
+            "skipped %s: cannot read it as an image (%s); re-save it as PNG or JPEG, "
+            "or leave it out of input=",
+            path,
+            reason,
+        )
         return None
 
 
@@ -140,8 +144,15 @@ def is_large(image: Image.Image) -> bool:
     return image.width * image.height >= LARGE_IMAGE_PIXELS
 
 
-def write_outputs(cfg: DictConfig, out: Path, stem: str, path: Path, image: Image.Image,
-                  result: Prediction, fixed_scale: HeatScale | None) -> None:  # fmt: skip
+def write_outputs(
+    cfg: DictConfig,
+    out: Path,
+    stem: str,
+    path: Path,
+    image: Image.Image,
+    result: Prediction,
+    fixed_scale: HeatScale | None,
+) -> None:
     """<name>_mask.png, <name>_map.npy (save_npy) and <name>_overlay.png (overlays) of an image;
     for a large image, each step in the log (the overlay alone takes seconds)."""
     large = is_large(image)
@@ -157,13 +168,21 @@ def write_outputs(cfg: DictConfig, out: Path, stem: str, path: Path, image: Imag
     panel = overlay_panel(np.asarray(image), scale(result.anomaly_map), result.mask)
     text, colour = caption(path, result)
     info = PngInfo()  # the caption, machine-readable: Image.open(overlay).text
-    for key, value in (("image", str(path)), ("score", f"{result.score:.6g}"),
-                       ("normalized_score", f"{result.normalized_score:.4f}"),
-                       ("decision", decision(result))):  # fmt: skip
+    for key, value in zip(PNG_KEYS, csv_row(path, result), strict=True):
         info.add_text(key, value)
     if large:
         log.info("%s: saving its overlay as PNG", path.name)
     Image.fromarray(captioned(panel, text, colour)).save(out / f"{stem}_overlay.png", pnginfo=info)
+
+
+# predictions.csv's columns, and the same values' keys in an overlay's PNG text.
+CSV_COLUMNS = ("path", "score", "normalized_score", "decision")
+PNG_KEYS = ("image", "score", "normalized_score", "decision")
+
+
+def csv_row(path: Path, result: Prediction) -> list[str]:
+    """An image's row of predictions.csv (CSV_COLUMNS), also its overlay's text (PNG_KEYS)."""
+    return [str(path), f"{result.score:.6g}", f"{result.normalized_score:.4f}", decision(result)]
 
 
 def decision(result: Prediction) -> str:
@@ -201,12 +220,26 @@ def predict(cfg: DictConfig) -> PredictSummary:
                 skipped.append(path)
                 progress.step(path, "skipped")
                 continue
+            width, height = image.size
             if is_large(image):  # seconds per step: say what is happening
-                log.info("%s: %dx%d px, read in %.1f s; scoring it, then writing its outputs at "
-                         "this size", path.name, *image.size, time.perf_counter() - began)  # fmt: skip
-            if min(image.size) < MIN_IMAGE_SIDE:
-                log.warning("%s is only %dx%d px; training refuses sides under %d px, so its "
-                            "score and map mean little", path, *image.size, MIN_IMAGE_SIDE)  # fmt: skip
+                read_s = time.perf_counter() - began
+                log.info(
+                    "%s: %dx%d px, read in %.1f s; scoring it, then writing its outputs at this "
+                    "size",
+                    path.name,
+                    width,
+                    height,
+                    read_s,
+                )
+            if min(width, height) < MIN_IMAGE_SIDE:
+                log.warning(
+                    "%s is only %dx%d px; training refuses sides under %d px, so its score and "
+                    "map mean little",
+                    path,
+                    width,
+                    height,
+                    MIN_IMAGE_SIDE,
+                )
             images.append(image)
             chunk.append(path)
         if not images:
@@ -216,12 +249,11 @@ def predict(cfg: DictConfig) -> PredictSummary:
                 log.info("%s: scored %.4g; writing its outputs", path.name, result.score)
             write_outputs(cfg, out, stems[path], path, image, result, fixed_scale)
             flagged += bool(result.is_anomalous)
-            rows.append([str(path), f"{result.score:.6g}", f"{result.normalized_score:.4f}",
-                         decision(result)])  # fmt: skip
+            rows.append(csv_row(path, result))
             progress.step(path, "scored")
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "score", "normalized_score", "decision"])
+        writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
     decided = flagged if predictor.calibrated else None
     summary = PredictSummary(len(rows), decided, len(skipped), out.resolve())
@@ -232,16 +264,17 @@ def predict(cfg: DictConfig) -> PredictSummary:
 def log_summary(summary: PredictSummary, skipped: list[Path], cfg: DictConfig) -> None:
     """The end of a batch: images scored, flagged and skipped, and where the outputs are."""
     n = summary.scored
-    flagged = "no decisions (uncalibrated model)" if summary.flagged is None else (
-        f"{summary.flagged} flagged anomalous")  # fmt: skip
+    if summary.flagged is None:
+        flagged = "no decisions (uncalibrated model)"
+    else:
+        flagged = f"{summary.flagged} flagged anomalous"
+    per_image = {
+        "_overlay.png": cfg.overlays,
+        "_map.npy": cfg.save_npy,
+        "_mask.png": summary.flagged is not None,
+    }
     files = ["predictions.csv"] + [
-        f"{n} <name>{suffix}"
-        for suffix, written in (
-            ("_overlay.png", cfg.overlays),
-            ("_map.npy", cfg.save_npy),
-            ("_mask.png", summary.flagged is not None),
-        )  # fmt: skip
-        if written and n
+        f"{n} <name>{end}" for end, written in per_image.items() if written and n
     ]
     where = f"outputs in {summary.output_dir}: {', '.join(files)}"
     if HydraConfig.initialized():  # the log and .hydra/: in the same folder unless told otherwise
@@ -251,8 +284,14 @@ def log_summary(summary: PredictSummary, skipped: list[Path], cfg: DictConfig) -
     if skipped:
         names = ", ".join(p.name for p in skipped[:5])
         names += f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        log.warning("%d image(s) scored, %s, skipped %d unreadable file(s): %s\n%s", n, flagged,
-                    len(skipped), names, where)  # fmt: skip
+        log.warning(
+            "%d image(s) scored, %s, skipped %d unreadable file(s): %s\n%s",
+            n,
+            flagged,
+            len(skipped),
+            names,
+            where,
+        )
     else:
         log.info("%d image(s) scored, %s, none skipped\n%s", n, flagged, where)
 

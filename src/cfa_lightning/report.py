@@ -65,8 +65,9 @@ def epochs_as_trained(offset: int) -> Iterator[None]:
 def chosen_lines(selection: dict[str, Any], max_epochs: int | None, refit: bool) -> list[str]:
     """Three lines of the summary: the epoch tested, why it was chosen, how training ended."""
     epoch, stopped = selection["epoch"], selection["stopped_epoch"]
-    chosen = f"epoch {epoch}, the un-adapted model (epoch 0 trains nothing)" if epoch == 0 else (
-        f"epoch {epoch}")  # fmt: skip
+    chosen = f"epoch {epoch}"
+    if epoch == 0:
+        chosen += ", the un-adapted model (epoch 0 trains nothing)"
     if refit:
         chosen += f"; retrained on all of train/good for {epoch} epoch(s) (refit=true)"
     if selection["rule"] == "best_val":
@@ -89,24 +90,36 @@ def chosen_lines(selection: dict[str, Any], max_epochs: int | None, refit: bool)
     return [f"  chosen      {chosen}", f"  why         {why}", f"  stopped     {ended}"]
 
 
-def train_summary(selection: dict[str, Any], metrics: dict[str, float], run_dir: Path,
-                  checkpoint: str | None, curve: Path | None, max_epochs: int | None,
-                  refit: bool = False) -> str:  # fmt: skip
+def train_summary(
+    selection: dict[str, Any],
+    metrics: dict[str, float],
+    run_dir: Path,
+    checkpoint: str | None,
+    curve: Path | None,
+    max_epochs: int | None,
+    refit: bool = False,
+) -> str:
     """The few lines that end ``train``: what was tested, from which file, how well, and where."""
     tested = [k for k in sorted(metrics) if not k.endswith("_threshold")]  # those: metrics.json
     scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in tested) or "not run (test_after_fit)"
-    return "\n".join([
+    lines = [
         "run summary",
         *chosen_lines(selection, max_epochs, refit),
         f"  checkpoint  {checkpoint or 'none saved (no checkpoint callback)'}",
         f"  test        {scores}",
         f"  curve       {curve or 'none (no validation curve in this protocol)'}",
         f"  run folder  {run_dir} (metrics.json, checkpoints/, logs)",
-    ])  # fmt: skip
+    ]
+    return "\n".join(lines)
 
 
-def draw_selection_curve(curve: list[list[float]], chosen: int | None, metric: str,
-                         path: Path, size: tuple[int, int] = (720, 420)) -> Path | None:  # fmt: skip
+def draw_selection_curve(
+    curve: list[list[float]],
+    chosen: int | None,
+    metric: str,
+    path: Path,
+    size: tuple[int, int] = (720, 420),
+) -> Path | None:
     """``metric`` on validation per epoch as a PNG, the chosen epoch marked in red; None (no
     file) without a finite point. ``curve`` is ``[[epoch, value], ...]``."""
     points = [(int(e), float(v)) for e, v in curve if math.isfinite(float(v))]
@@ -162,8 +175,15 @@ def draw_selection_curve(curve: list[list[float]], chosen: int | None, metric: s
     return path
 
 
-def finish(selection: dict[str, Any], metrics: dict[str, float], run_dir: Path, metric: str,
-           max_epochs: int | None, refit: bool, log: logging.Logger) -> Path | None:  # fmt: skip
+def finish(
+    selection: dict[str, Any],
+    metrics: dict[str, float],
+    run_dir: Path,
+    metric: str,
+    max_epochs: int | None,
+    refit: bool,
+    log: logging.Logger,
+) -> Path | None:
     """End of ``train`` (rank 0): the curve of ``metric`` as a PNG in the run folder, then the
     summary in the log. Returns the PNG's path (None without a validation curve)."""
     points = selection.get("val_curve") or []

@@ -227,15 +227,18 @@ def selection_record(
         best_score = float(checkpoint.best_model_score)
         val_metrics = checker.metrics_at(best) if checker else {metric: best_score}
         selection.update(
-            metric=metric, mode=mode, epoch=untrained.trained(best), value=best_score,
+            metric=metric,
+            mode=mode,
+            epoch=untrained.trained(best),
+            value=best_score,
             checkpoint=str(checkpoint.best_model_path),
             early_stopped=bool(stopper is not None and stopper.stopped_epoch > 0),
             patience=stopper.patience if stopper is not None else None,
-        )  # fmt: skip
+        )
         test_ckpt = "best"  # the epoch chosen on validation; the test set is used once
     else:  # the weights in memory; last.ckpt (a checkpoint without monitor) holds them
-        saved = [c.best_model_path for c in trainer.callbacks
-                 if isinstance(c, ModelCheckpoint) and c.monitor is None and c.best_model_path]  # fmt: skip
+        checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+        saved = [c.best_model_path for c in checkpoints if c.monitor is None and c.best_model_path]
         selection["checkpoint"] = saved[0] if saved else None
     if checker is not None:
         selection["val_curve"] = [[untrained.trained(e), v] for e, v in checker.curve()]

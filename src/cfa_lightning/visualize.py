@@ -102,8 +102,9 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def captioned(panel: np.ndarray, parts: list[str], colour: tuple[int, int, int] = (0, 0, 0),
-              min_size: int = 8) -> np.ndarray:  # fmt: skip
+def captioned(
+    panel: np.ndarray, parts: list[str], colour: tuple[int, int, int] = (0, 0, 0), min_size: int = 8
+) -> np.ndarray:
     """A white band of text above a panel: ``parts`` on one line if they fit, else one per line.
 
     The text is a 24th of the panel's height (at least 12 px), so it stays legible at any image

@@ -37,20 +37,24 @@ class TestOverlays(pl.Callback):
         self._rows = defaultdict(list)
 
     def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if outputs is None or not trainer.is_global_zero:
             return
         for j, defect in enumerate(batch.get("defect_type", ["test"] * len(batch["image"]))):
             if len(self._rows[defect]) >= self.per_type:
                 continue
             image = batch["image"][j].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-            self._rows[defect].append((
-                (image * 255).astype(np.uint8),  # (H, W, 3)
-                outputs.maps[j].detach().float().cpu().numpy(),  # (H, W)
-                batch["mask"][j, 0].detach().cpu().numpy() > 0,  # (H, W)
-            ))  # fmt: skip
+            pixels = (image * 255).astype(np.uint8)  # (H, W, 3)
+            fmap = outputs.maps[j].detach().float().cpu().numpy()  # (H, W)
+            mask = batch["mask"][j, 0].detach().cpu().numpy() > 0  # (H, W)
+            self._rows[defect].append((pixels, fmap, mask))
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._rows or not trainer.is_global_zero:

@@ -25,8 +25,13 @@ def sweep_status(sweep_dir: str | Path) -> dict[str, Any]:
         if result and result.get("error"):
             errors[job_dir.name] = result["error"]
     failed = [name for name, status in jobs.items() if status != "ok"]
-    return {"n_jobs": len(jobs), "n_failed": len(failed), "failed": failed, "errors": errors,
-            "jobs": jobs}  # fmt: skip
+    return {
+        "n_jobs": len(jobs),
+        "n_failed": len(failed),
+        "failed": failed,
+        "errors": errors,
+        "jobs": jobs,
+    }
 
 
 def write_sweep_status(sweep_dir: Path) -> None:
@@ -36,10 +41,9 @@ def write_sweep_status(sweep_dir: Path) -> None:
     status = sweep_status(sweep_dir)
     (sweep_dir / "sweep_status.json").write_text(json.dumps(status, indent=2) + "\n")
     if status["n_failed"]:
-        lines = [f"  {name}: {status['errors'].get(name, status['jobs'][name])}"
-                 for name in status["failed"]]  # fmt: skip
-        log.error("%d of %d sweep jobs failed:\n%s", status["n_failed"], status["n_jobs"],
-                  "\n".join(lines))  # fmt: skip
+        why = {name: status["errors"].get(name, status["jobs"][name]) for name in status["failed"]}
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in why.items())
+        log.error("%d of %d sweep jobs failed:\n%s", status["n_failed"], status["n_jobs"], lines)
     elif status["n_jobs"]:
         log.info("all %d sweep jobs finished; results in %s", status["n_jobs"], sweep_dir)
 
@@ -62,8 +66,12 @@ class SweepReport(Callback):
 
     def _report_if_pending(self) -> None:
         if self._pending is not None:
-            log.error("the sweep stopped before its end (see the error above); its job folders "
-                      "so far are in %s", self._pending / "sweep_status.json")  # fmt: skip
+            report = self._pending / "sweep_status.json"
+            log.error(
+                "the sweep stopped before its end (see the error above); its job folders so far "
+                "are in %s",
+                report,
+            )
             write_sweep_status(self._pending)
             self._pending = None
 

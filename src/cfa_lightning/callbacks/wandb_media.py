@@ -66,8 +66,9 @@ def histogram_image(
         draw.text((x + 4, margin - 10), f"threshold {threshold:.3g}", fill="black")
     draw.text((margin, height - margin + 8), f"{lo:.3g}", fill="black")
     draw.text((width - margin - 40, height - margin + 8), f"{hi:.3g}", fill="black")
-    draw.text((margin, 8), f"image score: normal (blue, n={int((labels == 0).sum())}), "
-              f"anomalous (red, n={int((labels == 1).sum())}); max count {top}", fill="black")  # fmt: skip
+    normal, anomalous = int((labels == 0).sum()), int((labels == 1).sum())
+    counts = f"normal (blue, n={normal}), anomalous (red, n={anomalous})"
+    draw.text((margin, 8), f"image score: {counts}; max count {top}", fill="black")
     return canvas.convert("RGB")
 
 
@@ -139,14 +140,23 @@ class WandbTestMedia(pl.Callback):
             self._rows.append((index, str(paths[j]), str(defects[j]), label, float(scores[j])))
             if index in self._wanted:
                 image = batch["image"][j].detach().float().clamp(0, 1).permute(1, 2, 0)  # (H, W, 3)
-                self._samples.append({
-                    "index": index, "path": str(paths[j]), "defect": str(defects[j]),
-                    "score": float(scores[j]), "label": label,
+                hw = image.shape[:2]
+                fmap = outputs.maps[j].detach().float().cpu().reshape(hw).numpy()  # (H, W)
+                if masks is None:
+                    mask = np.zeros(hw, dtype=bool)
+                else:
+                    mask = masks[j].detach().cpu().reshape(hw).numpy() > 0  # (H, W)
+                sample = {
+                    "index": index,
+                    "path": str(paths[j]),
+                    "defect": str(defects[j]),
+                    "score": float(scores[j]),
+                    "label": label,
                     "image": (image.cpu().numpy() * 255).astype(np.uint8),
-                    "map": outputs.maps[j].detach().float().cpu().reshape(image.shape[:2]).numpy(),
-                    "mask": (masks[j].detach().cpu().reshape(image.shape[:2]).numpy() > 0
-                             if masks is not None else np.zeros(image.shape[:2], dtype=bool)),
-                })  # fmt: skip
+                    "map": fmap,
+                    "mask": mask,
+                }
+                self._samples.append(sample)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = self._wandb_logger(trainer)
@@ -197,9 +207,11 @@ class WandbTestMedia(pl.Callback):
         heat = colormap(scale(sample["map"]))
         blended = (0.5 * sample["image"] + 0.5 * heat).astype(np.uint8)
         panel = np.concatenate([sample["image"], blended], axis=1)  # (H, 2W, 3): image | map
-        caption = (f"{Path(sample['path']).name} ({sample['defect']}), score {sample['score']:.4g}, "
-                   f"label {sample['label']}; colours {scale.low:.3g} (blue) to {scale.high:.3g} "
-                   "(red), clipped")  # fmt: skip
+        caption = (
+            f"{Path(sample['path']).name} ({sample['defect']}), score {sample['score']:.4g}, "
+            f"label {sample['label']}; colours {scale.low:.3g} (blue) to {scale.high:.3g} "
+            "(red), clipped"
+        )
         masks = None
         if self.masks:
             gt = np.tile(sample["mask"], (1, 2)).astype(np.uint8)

@@ -180,8 +180,9 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         rule = aspect_rule([image_hw(s.path) for s in train])  # (H, W) after EXIF orientation
         size = auto_input_size(rule["aspect"], self.pixels, stride, side)
         self._set_image_size(size)
-        self.auto_size = {"pixels": self.pixels, "stride": stride, "image_size": list(size),
-                          **{k: v for k, v in rule.items() if k != "aspect"}}  # fmt: skip
+        measured = {k: v for k, v in rule.items() if k != "aspect"}  # the record of aspect_rule
+        self.auto_size = {"pixels": self.pixels, "stride": stride, "image_size": list(size)}
+        self.auto_size.update(measured)
         self.hparams["auto_size"] = dict(self.auto_size)
         low, high = rule["aspect_range"]
         why = (
@@ -192,11 +193,12 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
             f"within {rule['spread']:.3g}x of the median, beyond {rule['tolerance']:g}x): the "
             "input is square"
         )
-        log.info(
-            "data.image_size=auto: %d training images, %s; model input %dx%d (H x W, "
-            "data.pixels=%d, sides multiples of %d, the largest tap stride of %s)",
-            len(train), why, *size, self.pixels, stride, backbone,
-        )  # fmt: skip
+        h, w = size
+        chosen = (
+            f"model input {h}x{w} (H x W, data.pixels={self.pixels}, sides multiples of {stride}, "
+            f"the largest tap stride of {backbone})"
+        )
+        log.info("data.image_size=auto: %d training images, %s; %s", len(train), why, chosen)
         aspect = max(rule["aspect"], 1.0 / rule["aspect"])
         if aspect > MAX_ASPECT:
             log.warning(
@@ -204,8 +206,11 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
                 "%dx%d leaves the short side few pixels. Set the size yourself with "
                 "data.image_size=[H, W], or cut the images into tiles of a moderate aspect and "
                 "train on those.",
-                aspect, MAX_ASPECT, *size,
-            )  # fmt: skip
+                aspect,
+                MAX_ASPECT,
+                h,
+                w,
+            )
         return size
 
     def _adopt_model_size(self) -> None:

@@ -185,8 +185,14 @@ def _load_taps(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
 
 
 # efficientnet_pytorch block names -> timm names, for blocks with and without an expansion conv.
-_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-             "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}  # fmt: skip
+_EXPANDED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _SEPARABLE = {
     "_depthwise_conv": "conv_dw",
     "_bn1": "bn1",

@@ -142,10 +142,11 @@ def _nearest_block(
     if sub_rows is None or sub_rows >= n:
         d = direct_sq_distances(p, index.centres, cand)  # (n, c)
     else:
-        d = torch.cat([
+        blocks = [
             direct_sq_distances(p[s : s + sub_rows], index.centres, cand[s : s + sub_rows])
             for s in range(0, n, sub_rows)
-        ])  # fmt: skip
+        ]
+        d = torch.cat(blocks)  # (n, c)
     if exclude is not None:  # nor keeps one that a short list of others let in
         d.masked_fill_(exclude.centres[cand] == exclude.patches.unsqueeze(1), float("inf"))
     values, j = torch.topk(d, k, dim=1, largest=False, sorted=True)

@@ -51,8 +51,8 @@ def image_ids(paths: Sequence[str] | None, n: int, device: torch.device | None =
     every epoch; NO_OWNER where the batch carries no paths."""
     if paths is None:
         return torch.full((n,), NO_OWNER, dtype=torch.long, device=device)
-    ids = [int.from_bytes(hashlib.blake2b(str(p).encode(), digest_size=8).digest(), "little") >> 1
-           for p in paths]  # fmt: skip
+    digests = (hashlib.blake2b(str(p).encode(), digest_size=8).digest() for p in paths)
+    ids = [int.from_bytes(d, "little") >> 1 for d in digests]  # 63 bits: a non-negative int64
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -98,8 +98,10 @@ def row_keys(x: Tensor, block_rows: int = 4096) -> Tensor:
     different but by a chance of about N^2 / 2^64. Two integer weighted sums of the rows' float32
     bits, each wrapping modulo 2^32: exact in any summation order, so equal rows cannot get
     different keys."""
-    weights = torch.randint(-(2**31), 2**31 - 1, (2, x.shape[1]), dtype=torch.int32,
-                            generator=torch.Generator().manual_seed(0x5EED)).to(x.device)  # fmt: skip
+    seeded = torch.Generator().manual_seed(0x5EED)
+    shape = (2, x.shape[1])
+    weights = torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=seeded)
+    weights = weights.to(x.device)  # (2, D)
     keys = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], block_rows):
         bits = (x[start : start + block_rows].float() + 0.0).view(torch.int32)  # -0.0 is 0.0
@@ -507,8 +509,11 @@ class MemoryBank(nn.Module):
             # A count is the most centres: a smaller data set gives every patch it keeps.
             log.info(
                 "model.bank.size=%d is more than the %d patches that %d bank images give: every "
-                "patch is a centre", m, kept, n_images,
-            )  # fmt: skip
+                "patch is a centre",
+                m,
+                kept,
+                n_images,
+            )
             return kept
         if m > kept:
             raise ValueError(
@@ -566,8 +571,11 @@ class MemoryBank(nn.Module):
         device, phases = torch.device(device), self.build_phases(n_images, world, rank, cache_bytes)
         free = free_memory(device) if free is None else free
         if device.type == "cuda":
-            checks = [(f"memory on {device}", max(p.device for p in phases), free.device),
-                      ("host memory", max(p.host for p in phases), free.host)]  # fmt: skip
+            peak_device, peak_host = max(p.device for p in phases), max(p.host for p in phases)
+            checks = [
+                (f"memory on {device}", peak_device, free.device),
+                ("host memory", peak_host, free.host),
+            ]
         else:  # the pool, the tap cache and the selection share the host's memory
             checks = [("memory", self.build_bytes(n_images, world, rank, cache_bytes), free.host)]
         for where, need, available in checks:
@@ -579,16 +587,16 @@ class MemoryBank(nn.Module):
                 if self.pooled
                 else f"the sums of {self.height}x{self.width} positions of {self.dim} dims"
             )
+            taps = ""
+            if cache_bytes:
+                taps = f" and up to {_gib(cache_bytes)} of taps (model.tap_cache_mb)"
+            on_rank = f" on rank {rank} of {world}" if world > 1 else ""
             return (
                 f"building the {self.construction} bank needs about {_gib(need)} of {where} for "
-                f"{self.centres_for(n_images)} centres (model.bank.size={size}) from {kept}"
-                + (f" and up to {_gib(cache_bytes)} of taps (model.tap_cache_mb)" if cache_bytes
-                   else "")
-                + f", but only {_gib(available)} is available"
-                + (f" on rank {rank} of {world}" if world > 1 else "")
-                + "; lower model.bank.max_patches or model.tap_cache_mb, or model.gamma_d or "
-                "data.image_size"
-            )  # fmt: skip
+                f"{self.centres_for(n_images)} centres (model.bank.size={size}) from {kept}{taps}, "
+                f"but only {_gib(available)} is available{on_rank}; lower model.bank.max_patches "
+                "or model.tap_cache_mb, or model.gamma_d or data.image_size"
+            )
         return None
 
     # ---- the build ---------------------------------------------------------------------------
@@ -635,8 +643,8 @@ class MemoryBank(nn.Module):
             quota = min(self._quota, hw)
             self._pool_owners.append(owners.detach().cpu().long().repeat_interleave(quota))
             if self._quota < hw:
-                keep = torch.stack([torch.randperm(hw, generator=self._gen)[: self._quota]
-                                    for _ in range(patches.shape[0])])  # fmt: skip
+                draws = [torch.randperm(hw, generator=self._gen)[: self._quota] for _ in range(b)]
+                keep = torch.stack(draws)  # (B, quota)
                 patches = patches.gather(
                     1, keep.to(patches.device).unsqueeze(2).expand(-1, -1, patches.shape[2])
                 )  # (B, quota, D')
@@ -661,8 +669,9 @@ class MemoryBank(nn.Module):
             self._pool = [pool]  # one copy of the pool, not the batches' and their concatenation
             return pool, count
         if self._sum is None:
-            return torch.zeros(self.dim, self.height, self.width, dtype=torch.float64,
-                               device=device), count  # fmt: skip
+            shape = (self.dim, self.height, self.width)
+            sums = torch.zeros(shape, dtype=torch.float64, device=device)  # (D', h, w)
+            return sums, count
         return self._sum, count
 
     def pool_owners(self) -> Tensor:
