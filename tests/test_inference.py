@@ -35,8 +35,8 @@ def test_to_pil_accepts_arrays_tensors_and_modes():
 def test_predictor_returns_maps_at_each_input_resolution(trained_checkpoint):
     predictor = Predictor.from_checkpoint(trained_checkpoint)
     assert predictor.calibrated
-    images = [Image.new("RGB", (80, 64), (120, 100, 90)), np.zeros((33, 47), dtype=np.uint8),
-              torch.rand(3, 100, 50)]  # fmt: skip
+    pil = Image.new("RGB", (80, 64), (120, 100, 90))
+    images = [pil, np.zeros((33, 47), dtype=np.uint8), torch.rand(3, 100, 50)]
     results = predictor.predict_batch(images)
     assert [r.anomaly_map.shape for r in results] == [(64, 80), (33, 47), (100, 50)]
     for r in results:
@@ -77,8 +77,14 @@ def test_a_score_at_the_threshold_is_anomalous_as_the_metrics_count_it(trained_c
     assert again[0].mask.any()  # the peak pixel itself is in the predicted mask
 
 
-_PRECISION_FLAGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
-                    "mkldnn.rnn")  # fmt: skip
+_PRECISION_FLAGS = (
+    "cuda.matmul",
+    "cudnn.conv",
+    "cudnn.rnn",
+    "mkldnn.matmul",
+    "mkldnn.conv",
+    "mkldnn.rnn",
+)
 
 
 def _backend(name: str):
@@ -113,12 +119,16 @@ def _set_new(path, value):
     return apply
 
 
-@pytest.mark.parametrize("mode", [
-    lambda: _set_legacy("high"), lambda: _set_legacy("medium"),
-    _set_new("fp32_precision", "tf32"), _set_new("cuda.matmul", "tf32"),
-    _set_new("mkldnn.matmul", "bf16"),
-], ids=["legacy-high", "legacy-medium", "new-all-tf32", "new-cuda-matmul-tf32",
-        "new-mkldnn-matmul-bf16"])  # fmt: skip
+PRECISION_MODES = [
+    pytest.param(lambda: _set_legacy("high"), id="legacy-high"),
+    pytest.param(lambda: _set_legacy("medium"), id="legacy-medium"),
+    pytest.param(_set_new("fp32_precision", "tf32"), id="new-all-tf32"),
+    pytest.param(_set_new("cuda.matmul", "tf32"), id="new-cuda-matmul-tf32"),
+    pytest.param(_set_new("mkldnn.matmul", "bf16"), id="new-mkldnn-matmul-bf16"),
+]
+
+
+@pytest.mark.parametrize("mode", PRECISION_MODES)
 def test_predict_and_export_under_every_matmul_precision_mode(
     mode, trained_checkpoint, tmp_path, restore_precision
 ):
