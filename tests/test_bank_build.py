@@ -7,10 +7,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cfa_lightning.models import memory_bank
 from cfa_lightning.models.bank_build import tap_bytes_per_image
-from cfa_lightning.models.lit_module import CFALitModule
 from cfa_lightning.models.memory_bank import Bytes, MemoryBank
+from tiny_models import tiny_module
 
-BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 LOTS = 2**50
 
@@ -101,8 +100,7 @@ class RecordedImages(Dataset):
 
 
 def test_a_build_that_does_not_fit_stops_before_the_pass(monkeypatch):
-    module = CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=1024,
-                          bank={"construction": "coreset", "size": 100})  # fmt: skip
+    module = tiny_module(tap_cache_mb=1024, bank={"construction": "coreset", "size": 100})
     monkeypatch.setattr(
         memory_bank, "available_memory_bytes", lambda: 2**20
     )  # 1 MiB: less than the pool alone

@@ -161,11 +161,10 @@ def test_a_new_construction_is_one_class_and_one_config_file(tmp_path, by):
 def test_the_toy_construction_builds_a_models_bank():
     from torch.utils.data import DataLoader
 
-    from cfa_lightning.models.lit_module import CFALitModule
+    from tiny_models import tiny_module
 
     bank = OmegaConf.to_container(OmegaConf.create(TOY_CONFIG))
-    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-                          input_size=[32, 32], bank=bank)  # fmt: skip
+    module = tiny_module(input_size=[32, 32], bank=bank)
     images = [{"image": torch.rand(3, 32, 32), "image_path": f"{i}.png"} for i in range(3)]
     module.build_bank(DataLoader(images, batch_size=2))
     assert module.model.bank.n_centres == 3 * 64 // 3 and module.model.bank.most_owned() == 22

@@ -1,15 +1,19 @@
 import pytest
 import torch
 
-from cfa_lightning.models.backbone import Backbone
-from cfa_lightning.models.cfa import CFA
 from cfa_lightning.models.maps import score_maps
+from tiny_models import tiny_cfa
+
+
+def _cfa(input_size=(64, 96), chunk_bytes=256 * 2**20, **values):
+    """The tests' CFA (tiny_models.py) at this input size and search block budget (bytes)."""
+    chunk_mb = chunk_bytes if chunk_bytes == "auto" else chunk_bytes / 2**20
+    return tiny_cfa(input_size=list(input_size), chunk_mb=chunk_mb, **values)
 
 
 def _fitted(input_size=(64, 96), gamma_c=1, chunk_bytes=256 * 2**20, seed=0):
     torch.manual_seed(seed)
-    model = CFA(Backbone("resnet18", pretrained=False), input_size=input_size, gamma_c=gamma_c,
-                chunk_bytes=chunk_bytes)  # fmt: skip
+    model = _cfa(input_size, chunk_bytes, gamma_c=gamma_c)
     images = torch.rand(5, 3, *input_size)
     model.bank.update(model.describe(images[:3]))
     model.bank.update(model.describe(images[3:]))
@@ -30,9 +34,7 @@ def _trained_like(chunk_bytes):
     torch.manual_seed(1)
     base = torch.rand(1, 3, 64, 96)
     images = (base + 0.02 * torch.randn(5, 3, 64, 96)).clamp(0, 1)
-    model = CFA(
-        Backbone("resnet18", pretrained=False), input_size=(64, 96), chunk_bytes=chunk_bytes
-    )
+    model = _cfa((64, 96), chunk_bytes)
     model.bank.update(model.describe(images))
     model.bank.finalize()
     return model, images
@@ -80,8 +82,8 @@ def test_fast_loss_matches_naive_in_value_and_gradients(chunk_bytes, features):
         model.zero_grad()
         loss, _ = model.loss(images, naive=naive)
         loss.backward()
-        grads.append((loss.detach(), model.descriptor.coord_conv.weight.grad.clone(),
-                      model.loss_fn.radius.grad.clone()))  # fmt: skip
+        weight_grad = model.descriptor.coord_conv.weight.grad.clone()
+        grads.append((loss.detach(), weight_grad, model.loss_fn.radius.grad.clone()))
     (l_fast, w_fast, r_fast), (l_naive, w_naive, r_naive) = grads
     assert torch.allclose(l_fast, l_naive, rtol=1e-4)
     assert torch.allclose(w_fast, w_naive, rtol=1e-3, atol=1e-4 * w_naive.abs().max())
@@ -110,7 +112,7 @@ def test_identical_images_give_finite_scores():
 
 
 def test_unbuilt_bank_is_a_clear_error():
-    model = CFA(Backbone("resnet18", pretrained=False), input_size=64)
+    model = _cfa((64, 64))
     with pytest.raises(RuntimeError, match="memory bank is not built"):
         model(torch.rand(1, 3, 64, 64))
 
@@ -132,13 +134,12 @@ def test_kmeans_bank_fast_loss_and_maps_match_brute_force():
 
 
 def test_chunk_budget_too_small_for_one_row_is_refused_with_the_smallest_that_works():
-    backbone = Backbone("resnet18", pretrained=False)
     with pytest.raises(ValueError, match=r"model.chunk_mb=0.001 .* use at least 0.\d+ or auto"):
-        CFA(backbone, input_size=64, chunk_bytes=2**20 // 1000)
+        _cfa((64, 64), 2**20 // 1000)
     from cfa_lightning.models.distances import smallest_chunk_mb
 
     smallest = smallest_chunk_mb(16 * 16, 448, 6)
-    CFA(backbone, input_size=64, chunk_bytes=int(smallest * 2**20))  # accepted
+    _cfa((64, 64), int(smallest * 2**20))  # accepted
 
 
 @pytest.mark.slow  # 30-55 s on 2 cores: keeps `make test` under 10 minutes
@@ -158,8 +159,7 @@ def test_forward_and_the_loss_selection_trace_without_graph_breaks():
 def _every_patch_bank(n_images=4, size=1.0):
     """A coreset of every patch of the training images: each patch's own copy is in the bank."""
     torch.manual_seed(3)
-    model = CFA(Backbone("resnet18", pretrained=False), input_size=(32, 32), K=1, J=3,
-                bank={"construction": "coreset", "size": size})  # fmt: skip
+    model = _cfa((32, 32), "auto", K=1, J=3, bank={"construction": "coreset", "size": size})
     images, ids = torch.rand(n_images, 3, 32, 32), torch.arange(n_images) + 50
     model.bank.update(model.describe(images), ids)
     model.bank.finalize()
@@ -193,3 +193,17 @@ def test_bank_that_leaves_an_image_too_few_other_centres_is_refused():
         ValueError, match=r"model.bank.size gives 64 centres.*owns 64.*K \+ model.J = 4"
     ):
         model.check_own_copies()
+
+
+def test_the_validation_pass_gives_each_images_loss_and_the_forward_scores():
+    model, images = _fitted()
+    with torch.no_grad():
+        losses, out = model.validate(images)
+        alone = torch.cat([model.loss(images[i : i + 1])[0].view(1) for i in range(len(images))])
+        batch, _ = model.loss(images)
+        scored = model(images)
+    assert losses.shape == (len(images),)
+    assert torch.allclose(losses, alone, rtol=1e-5)  # each image's training loss alone
+    assert torch.allclose(losses.mean(), batch, rtol=1e-5)
+    assert torch.allclose(out.maps, scored.maps, atol=1e-4)
+    assert torch.allclose(out.image_scores, scored.image_scores, atol=1e-4)

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cfa_lightning.checkpoint import CheckpointError, load_checkpoint
+from cfa_lightning.checkpoint import ADDED_HPARAMS, CheckpointError, load_checkpoint
 from cfa_lightning.inference import Predictor
 from cfa_lightning.models.lit_module import CFALitModule
+from tiny_models import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,17 +98,16 @@ def test_every_command_stops_with_one_line(bad_files, tmp_path):
     assert not bad_files["marker"].exists()
 
 
-def test_checkpoints_of_a_hydra_built_run_load_with_weights_only(synthetic_root, tmp_path):
+def test_checkpoints_of_a_hydra_built_run_load_with_weights_only(
+    synthetic_root, tmp_path, hydra_ctx
+):
     """Hydra passes DictConfig/ListConfig arguments; the checkpoint stores them as plain data."""
     pl.seed_everything(0)
     dm = instantiate(OmegaConf.create({
         "_target_": "cfa_lightning.data.MVTecDataModule", "root": str(synthetic_root),
         "category": "synthetic", "image_size": [64, 80], "download": {"enabled": False},
     }))  # fmt: skip
-    model = instantiate(OmegaConf.create({
-        "_target_": "cfa_lightning.models.lit_module.CFALitModule", "input_size": [64, 80],
-        "backbone": {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-    }))  # fmt: skip
+    model = instantiate(compose("train", overrides=list(TINY)).model)  # as train.py builds it
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1,
                          accelerator="cpu", logger=False, enable_progress_bar=False)  # fmt: skip
     trainer.fit(model, datamodule=dm)
@@ -151,6 +152,49 @@ def test_a_checkpoint_with_retired_search_buffers_loads_and_scores_identically(
     assert len(notices) == 1 and "\n" not in notices[0] and "group_of" in notices[0]
     old_score = Predictor.from_checkpoint(old).predict(images[0]).score
     assert old_score == Predictor.from_checkpoint(trained_checkpoint).predict(images[0]).score
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_and_scores_identically(
+    trained_checkpoint, tmp_path
+):
+    """A checkpoint written before the model took its settings from the config holds the same
+    flat list, less the options added since (read as the versions before them worked)."""
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    assert ckpt["cfa_lightning_version"]  # recorded since
+    del ckpt["cfa_lightning_version"]
+    for key in ("bank", "tap_norm", "tap_cache_mb", "untrained_epoch", "lr_schedule"):
+        if key != "bank":  # the tiny model's bank is the positional one the old versions built
+            assert ckpt["hyper_parameters"][key] == ADDED_HPARAMS[key], key
+        del ckpt["hyper_parameters"][key]
+    old = tmp_path / "before_the_bank_option.ckpt"
+    torch.save(ckpt, old)
+    images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loaded = CFALitModule.from_checkpoint(old)
+        today = CFALitModule.from_checkpoint(trained_checkpoint)
+        assert torch.equal(loaded.model.eval()(images).maps, today.model.eval()(images).maps)
+    assert loaded.model.bank.construction == "positional" and loaded.hparams.K == 3
+
+
+def test_a_checkpoint_this_version_cannot_rebuild_says_which_version_wrote_it(
+    trained_checkpoint, tmp_path
+):
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    ckpt["cfa_lightning_version"] = "9.0.0"
+    ckpt["hyper_parameters"]["warp"] = 2  # an option of that later version
+    del ckpt["hyper_parameters"]["J"]
+    later = tmp_path / "later.ckpt"
+    torch.save(ckpt, later)
+    with pytest.raises(CheckpointError) as refused:
+        CFALitModule.from_checkpoint(later)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{later} was written by cfa-lightning 9.0.0")
+    assert "does not know: warp" in message and "lacks: J" in message
+    assert "load it with the version that wrote it, or train it again" in message
+    del ckpt["cfa_lightning_version"]
+    torch.save(ckpt, later)
+    with pytest.raises(CheckpointError, match="an earlier cfa-lightning \\(it records none\\)"):
+        CFALitModule.from_checkpoint(later)
 
 
 def test_a_checkpoint_loads_with_its_own_bank_whatever_the_config_says(coreset_checkpoint):

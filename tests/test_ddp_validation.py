@@ -109,7 +109,6 @@ def test_the_validated_default_selects_the_same_epoch_on_every_rank(tmp_path):
 # first, then 5 with a defect. The distributed sampler deals 0, 3, 6 to rank 0; 1, 4 and a padded
 # copy of 0 to rank 1; 2, 5 and a padded copy of 1 to rank 2, which so scores defects only.
 N_NORMAL, N_DEFECT, WORLD = 2, 5, 3
-BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
 
 
 class DefectImages(torch.utils.data.Dataset):
@@ -134,10 +133,10 @@ class DefectImages(torch.utils.data.Dataset):
 
 
 def _fitted_module(state: dict | None = None):
-    from cfa_lightning.models.lit_module import CFALitModule
+    from tiny_models import tiny_module
 
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     if state is None:
         train = DefectImages(4, 0, seed=1)  # normal images only
         module.build_bank(torch.utils.data.DataLoader(train, batch_size=2))

@@ -295,14 +295,13 @@ def odd_crop(synthetic_root, tmp_path_factory) -> tuple[Path, Path]:
     import pytorch_lightning as pl
 
     from cfa_lightning.data import MVTecDataModule
-    from cfa_lightning.models.lit_module import CFALitModule
+    from tiny_models import tiny_module
 
     pl.seed_everything(0)
     out = tmp_path_factory.mktemp("odd_crop")
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=[96, 112], crop_size=[65, 81],
                          batch_size=4, eval_batch_size=4, val_fraction=0.25)  # fmt: skip
-    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-                          input_size=[65, 81])  # fmt: skip
+    module = tiny_module(input_size=[65, 81])
     trainer = pl.Trainer(default_root_dir=out, max_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     trainer.fit(module, datamodule=dm)

@@ -12,9 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from cfa_lightning.distributed import PaddingFilter, rank_sample_indices
-from cfa_lightning.models.lit_module import CFALitModule
+from tiny_models import tiny_module
 
-BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
 N_IMAGES = 5  # 3 batches of 2: rank 0 reads images 0, 2, 4 and rank 1 images 1, 3
 
 
@@ -103,8 +102,6 @@ def _build_bank_on_rank(
 ) -> None:
     from pytorch_lightning.plugins.precision import Precision
 
-    from cfa_lightning.models.lit_module import CFALitModule
-
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)  # fmt: skip
     try:
@@ -112,7 +109,7 @@ def _build_bank_on_rank(
             seen = record_collectives(monkeypatch)
             pl.seed_everything(0)
             options = {"gamma_c": 2} if bank is None else {"bank": bank}  # k-means on every rank
-            module = CFALitModule(BACKBONE, input_size=[64, 80], tap_norm=tap_norm, **options)
+            module = tiny_module(tap_norm=tap_norm, **options)
             module._trainer = SimpleNamespace(  # the parts of a DDP Trainer that build_bank may use
                 world_size=world, global_rank=rank, is_global_zero=rank == 0,
                 strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,
@@ -146,7 +143,7 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
     assert torch.equal(ranks[0]["centres"], ranks[1]["centres"])
     # ... and they are the bank one process builds from all the images
     pl.seed_everything(0)
-    single = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)
+    single = tiny_module(gamma_c=2)
     single.build_bank(DataLoader(CountingImages(N_IMAGES), batch_size=2))
     assert torch.allclose(ranks[0]["centres"], single.model.bank.centres, atol=1e-5)
 
@@ -178,7 +175,7 @@ def test_pooled_banks_are_identical_on_every_rank_and_built_from_all_images(
     for r in ranks:  # the pools travel as tensors; nothing of the build is pickled
         assert r["pickled"] == [], r["pickled"]
     pl.seed_everything(0)
-    single = CFALitModule(BACKBONE, input_size=[64, 80], bank=bank)
+    single = tiny_module(bank=bank)
     single.build_bank(DataLoader(CountingImages(N_IMAGES), batch_size=2))
     expected = single.model.bank.centres
     assert ranks[0]["centres"].shape == expected.shape
@@ -194,7 +191,6 @@ def _failing_build_on_rank(rank: int, world: int, port: int, out: str, failure: 
     from pytorch_lightning.plugins.precision import Precision
 
     from cfa_lightning.models import memory_bank
-    from cfa_lightning.models.lit_module import CFALitModule
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world,
@@ -208,8 +204,7 @@ def _failing_build_on_rank(rank: int, world: int, port: int, out: str, failure: 
                 data.images = data.images[:1].expand_as(data.images)
             pl.seed_everything(0)
             size = 40 if failure == "memory" else 0.25  # 400 of 1600 patches
-            module = CFALitModule(BACKBONE, input_size=[64, 80],
-                                  bank={"construction": "coreset", "size": size})  # fmt: skip
+            module = tiny_module(bank={"construction": "coreset", "size": size})
             module._trainer = SimpleNamespace(
                 world_size=world, global_rank=rank, is_global_zero=rank == 0,
                 strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,

@@ -1,4 +1,5 @@
 import copy
+import inspect
 
 import pytest
 import pytorch_lightning as pl
@@ -6,9 +7,10 @@ import torch
 
 from cfa_lightning.checkpoint import CheckpointError
 from cfa_lightning.data import MVTecDataModule
-from cfa_lightning.models.lit_module import CFALitModule
-
-BACKBONE = {"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False}
+from cfa_lightning.models.cfa import CFA, settings_of
+from cfa_lightning.models.lit_module import CFALitModule, model_config
+from cfa_lightning.models.loss import CFALoss
+from tiny_models import tiny_module
 
 
 def _trainer(tmp_path, epochs=1, **kwargs):
@@ -25,7 +27,7 @@ def datamodule(synthetic_root):
 
 def test_checkpoint_round_trip_scores_identically(tmp_path, datamodule):
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80], gamma_c=2)
+    module = tiny_module(gamma_c=2)
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=datamodule)
     ckpt = tmp_path / "model.ckpt"
@@ -46,7 +48,7 @@ def test_checkpoint_round_trip_scores_identically(tmp_path, datamodule):
 
 def test_bank_is_built_once_and_not_rebuilt_on_resume(tmp_path, datamodule, monkeypatch):
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     calls = []
     original = CFALitModule.build_bank
     monkeypatch.setattr(
@@ -58,7 +60,7 @@ def test_bank_is_built_once_and_not_rebuilt_on_resume(tmp_path, datamodule, monk
     bank = module.model.bank.centres.clone()
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = CFALitModule(BACKBONE, input_size=[64, 80])
+    resumed = tiny_module()
     _trainer(tmp_path, epochs=2).fit(resumed, datamodule=datamodule, ckpt_path=str(ckpt))
     assert calls == [1]  # restored from the checkpoint, not built again
     assert torch.equal(resumed.model.bank.centres, bank)
@@ -72,7 +74,7 @@ def test_bank_mean_independent_of_batch_size(synthetic_root):
         dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80),
                              eval_batch_size=batch_size, val_fraction=0.25)  # fmt: skip
         dm.setup("fit")
-        module = CFALitModule(BACKBONE, input_size=[64, 80])
+        module = tiny_module()
         module.build_bank(dm.bank_dataloader())
         banks.append(module.model.bank.centres)
     assert torch.allclose(banks[0], banks[1], atol=1e-5)
@@ -101,7 +103,7 @@ def _best_f1(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 def test_test_metrics_equal_an_independent_computation(tmp_path, datamodule):
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -138,7 +140,7 @@ def test_test_metrics_equal_an_independent_computation(tmp_path, datamodule):
 def test_radius_is_trained_and_can_be_frozen(tmp_path, datamodule):
     for learn in (True, False):
         pl.seed_everything(0)
-        module = CFALitModule(BACKBONE, input_size=[64, 80], learn_radius=learn, radius=0.5)
+        module = tiny_module(learn_radius=learn, radius=0.5)
         _trainer(tmp_path).fit(module, datamodule=datamodule)
         moved = float(module.model.loss_fn.radius) != 0.5
         assert moved == learn
@@ -159,7 +161,7 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
 
 def test_thresholds_are_calibrated_on_validation_and_saved(tmp_path, datamodule):
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80], threshold_quantile=0.9)
+    module = tiny_module(threshold_quantile=0.9)
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=datamodule)
     cal = module.model.calibration
@@ -178,7 +180,7 @@ def test_thresholds_are_calibrated_on_validation_and_saved(tmp_path, datamodule)
 @pytest.mark.slow
 def test_compiled_descriptor_matches_eager():
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 64], compile=True)
+    module = tiny_module(input_size=[64, 64], compile=True)
     module.setup("fit")
     x = torch.rand(2, 3, 64, 64)
     eager = module.model.descriptor(module.model.backbone(x))
@@ -188,7 +190,7 @@ def test_compiled_descriptor_matches_eager():
 def test_fit_without_ckpt_path_rebuilds_the_bank_from_the_new_data(tmp_path, datamodule,
                                                                    synthetic_root):  # fmt: skip
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=datamodule)
     old_bank = module.model.bank.centres.clone()
@@ -208,7 +210,7 @@ def test_fit_without_ckpt_path_rebuilds_the_bank_from_the_new_data(tmp_path, dat
 
 def test_bank_is_built_under_the_training_precision(tmp_path, datamodule):
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     initial = copy.deepcopy(module.model)  # phi as it is when the bank is built
     trainer = _trainer(tmp_path, precision="bf16-mixed", limit_train_batches=1,
                        limit_val_batches=0)  # fmt: skip
@@ -230,19 +232,20 @@ def test_the_repulsion_term_changes_what_training_learns(tmp_path, datamodule):
     default r = 1e-5 it stays exactly zero in a short training, so J = 0 changes nothing there:
     cookies, 2 epochs, J = 0 gives the same metrics as J = 3; see README, Results.)"""
     pl.seed_everything(0)
-    probe = CFALitModule(BACKBONE, input_size=[64, 80])
+    probe = tiny_module()
     datamodule.setup("fit")
     probe.build_bank(datamodule.bank_dataloader())
     images = next(iter(datamodule.bank_dataloader()))["image"]
     with torch.no_grad():
         p = probe.model.flatten_patches(probe.model.describe(images))
         d = torch.cdist(p, probe.model.bank.centres).pow(2).sort(dim=1).values  # (N, M) ascending
-    radius = float((d[:, 3].median() + probe.hparams.alpha).sqrt())  # d_(K+1) is column K = 3
+    K, alpha = probe.model.K, probe.model.loss_fn.alpha
+    radius = float((d[:, K].median() + alpha).sqrt())  # d_(K+1) is column K
     test_images = next(iter(datamodule.test_dataloader()))["image"]
     scores = {}
     for J in (0, 3):
         pl.seed_everything(0)
-        module = CFALitModule(BACKBONE, input_size=[64, 80], J=J, radius=radius)
+        module = tiny_module(J=J, radius=radius)
         _trainer(tmp_path, epochs=2, limit_val_batches=0).fit(module, datamodule=datamodule)
         with torch.no_grad():
             scores[J] = module.model.eval()(test_images).image_scores
@@ -271,7 +274,7 @@ def test_bf16_mixed_scores_maps_and_metrics_in_float32(tmp_path, datamodule, mon
     values instead of 61,247) move these metrics by as little; the dtype and distinct-value
     checks are the ones that catch them."""
     pl.seed_everything(0)
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     _trainer(tmp_path).fit(module, datamodule=datamodule)  # a trained model, in fp32
     seen = {}
     for precision in ("32-true", "bf16-mixed"):
@@ -303,7 +306,7 @@ def _validated_fit(tmp_path, synthetic_root, cache_mb):
     pl.seed_everything(0)
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
                          eval_batch_size=5, val_fraction=0.34, val_anomalies="synthetic")  # fmt: skip
-    module = CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=cache_mb)
+    module = tiny_module(tap_cache_mb=cache_mb)
     stages = []
     module.model.backbone.register_forward_hook(
         lambda *_: stages.append(module.trainer.state.stage.value)
@@ -340,7 +343,7 @@ def test_taps_kept_in_validation_never_enter_a_training_step():
     autograd cannot take inference tensors; past the budget nothing is kept."""
     from cfa_lightning.models.tap_cache import TapCache
 
-    backbone = CFALitModule(BACKBONE, input_size=[64, 80]).model.backbone
+    backbone = tiny_module().model.backbone
     images, paths = torch.rand(2, 3, 64, 80), ["a.png", "b.png"]
     cache = TapCache(2**30)
     with torch.inference_mode():
@@ -359,17 +362,15 @@ def test_taps_kept_in_validation_never_enter_a_training_step():
 @pytest.mark.parametrize("value", [-1, "lots", True])
 def test_a_bad_tap_cache_budget_is_refused_naming_the_option(value):
     with pytest.raises(ValueError, match="model.tap_cache_mb"):
-        CFALitModule(BACKBONE, input_size=[64, 80], tap_cache_mb=value)
+        tiny_module(tap_cache_mb=value)
 
 
 def test_a_bank_count_beyond_the_data_takes_every_patch_and_a_fraction_beyond_the_pool_stops():
-    module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "coreset",
-                                                               "size": 10_000})  # fmt: skip
+    module = tiny_module(bank={"construction": "coreset", "size": 10_000})
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]  # 3 x 320 patches
     module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
     assert module.model.bank.n_centres == 960  # the count is the most: every patch is a centre
-    module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "coreset",
-                                                               "size": 0.9, "max_patches": 600})  # fmt: skip
+    module = tiny_module(bank={"construction": "coreset", "size": 0.9, "max_patches": 600})
     with pytest.raises(ValueError, match=r"model.bank.size=0.9.*largest valid size is 600"):
         module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
     assert not bool(module.model.bank.fitted)
@@ -378,7 +379,7 @@ def test_a_bank_count_beyond_the_data_takes_every_patch_and_a_fraction_beyond_th
 def test_a_bank_that_would_not_fit_stops_before_the_build(monkeypatch):
     from cfa_lightning.models import memory_bank
 
-    module = CFALitModule(BACKBONE, input_size=[64, 80], bank={"construction": "kmeans"})
+    module = tiny_module(bank={"construction": "kmeans"})
     monkeypatch.setattr(memory_bank, "available_memory_bytes", lambda: 1000)
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]
     with pytest.raises(MemoryError, match=r"kmeans bank needs about .* GiB.*max_patches"):
@@ -386,8 +387,33 @@ def test_a_bank_that_would_not_fit_stops_before_the_build(monkeypatch):
 
 
 def test_resuming_a_checkpoint_of_another_input_size_is_refused_naming_both():
-    module = CFALitModule(BACKBONE, input_size=[64, 80])
+    module = tiny_module()
     module.on_load_checkpoint({"hyper_parameters": {"input_size": [64, 80]}})  # its own: fine
     with pytest.raises(ValueError, match=r"trained at input size \[48, 96\].*model is \[64, 80\].*"
                                          r"data.image_size=\[48, 96\]"):  # fmt: skip
         module.on_load_checkpoint({"hyper_parameters": {"input_size": [48, 96]}})
+
+
+def test_the_config_is_the_one_home_of_every_model_setting():
+    """Each key of conf/model/cfa.yaml goes to exactly one constructor (the loss, the pure model
+    or the recipe), and none of them has a default for it: a model built in Python is the one
+    the command line builds."""
+    config = model_config("model.input_size=[64,80]")  # the shipped values
+    random_backbone = ("backbone=resnet18", "backbone.name=resnet18", "backbone.pretrained=false")
+    config["backbone"] = model_config("model.input_size=[64,80]", *random_backbone)["backbone"]
+    taken = [*settings_of(CFALoss), *settings_of(CFA), *settings_of(CFALitModule)]
+    assert len(taken) == len(set(taken)), "a key taken by two constructors"
+    # every key of the config has a constructor; untrained_epoch is train.py's validate_untrained
+    assert set(config) == set(CFALitModule.config_keys()) - {"untrained_epoch"}
+    constructors = (CFALoss, CFA, CFA.from_config, CFALitModule, CFALitModule.from_config)
+    for constructor in constructors:
+        for name, parameter in inspect.signature(constructor).parameters.items():
+            if name in config:
+                assert parameter.default is inspect.Parameter.empty, (
+                    f"{constructor.__qualname__}({name}={parameter.default!r}): a default beside "
+                    f"conf/model/cfa.yaml's {name}: {config[name]!r}"
+                )
+    module = CFALitModule.from_config(**config)  # each value where the config puts it
+    assert (module.model.K, module.model.loss_fn.alpha) == (config["K"], config["alpha"])
+    assert module.model.bank.construction == config["bank"]["construction"]
+    assert {k: module.hparams[k] for k in config} == config  # all saved for the checkpoint

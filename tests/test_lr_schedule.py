@@ -7,15 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from cfa_lightning.models.lit_module import CFALitModule
-
-BACKBONE = {"name": "resnet18", "pretrained": False, "out_indices": [1, 2, 3]}
+from tiny_models import tiny_module
 
 
 def _rates(schedule: str, max_epochs: int, untrained_epoch: bool) -> list[float]:
-    module = CFALitModule(
-        BACKBONE, input_size=64, lr_schedule=schedule, untrained_epoch=untrained_epoch
-    )
+    module = tiny_module(lr=1e-3, lr_schedule=schedule, untrained_epoch=untrained_epoch)
     module._trainer = SimpleNamespace(max_epochs=max_epochs)  # all configure_optimizers reads
     config = module.configure_optimizers()
     if schedule == "none":
@@ -43,4 +39,4 @@ def test_none_is_the_constant_rate():
 
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="model.lr_schedule"):
-        CFALitModule(BACKBONE, input_size=64, lr_schedule="step")
+        tiny_module(lr_schedule="step")

@@ -261,13 +261,11 @@ def test_a_bank_of_another_size_is_refused_naming_both_sizes():
 
 
 def test_a_checkpoint_of_another_image_size_does_not_load_into_the_model():
-    from cfa_lightning.models.backbone import Backbone
-    from cfa_lightning.models.cfa import CFA
+    from tiny_models import tiny_cfa
 
-    backbone = Backbone("resnet18", pretrained=False)
-    trained = CFA(backbone, input_size=(32, 48))
+    trained = tiny_cfa(input_size=[32, 48])  # positional: h * w centres
     trained.bank.update(trained.describe(torch.rand(2, 3, 32, 48)))
     trained.bank.finalize()
     assert trained.bank.n_centres == 96
     with pytest.raises(ValueError, match=r"96 centres.*has 256"):
-        CFA(backbone, input_size=64).load_state_dict(trained.state_dict())  # strict
+        tiny_cfa(input_size=[64, 64]).load_state_dict(trained.state_dict())  # strict

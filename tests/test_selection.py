@@ -111,7 +111,7 @@ def test_epoch_0_can_win_and_its_checkpoint_is_the_untrained_model(
 ):
     """The real untrained epoch of CFALitModule (its step, its optimiser hook), selected."""
     from cfa_lightning.data import MVTecDataModule
-    from cfa_lightning.models.lit_module import CFALitModule
+    from tiny_models import tiny_module
 
     check, ckpt, stopper = _selection_callbacks(
         tmp_path, "selection_metric=val/scripted", "callbacks.early_stopping.patience=1"
@@ -119,8 +119,7 @@ def test_epoch_0_can_win_and_its_checkpoint_is_the_untrained_model(
     pl.seed_everything(0)
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
                          val_fraction=0.34, val_anomalies="none")  # fmt: skip
-    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-                          input_size=[64, 80], untrained_epoch=True)  # fmt: skip
+    module = tiny_module(untrained_epoch=True)
     start = {k: v.clone() for k, v in module.state_dict().items() if "descriptor" in k}
     start["model.loss_fn.radius"] = module.model.loss_fn.radius.detach().clone()
     trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -181,13 +180,12 @@ def test_protocols_in_the_config(hydra_ctx):
 
 def test_untrained_epoch_trains_nothing_and_validates(synthetic_root):
     from cfa_lightning.data import MVTecDataModule
-    from cfa_lightning.models.lit_module import CFALitModule
+    from tiny_models import tiny_module
 
     pl.seed_everything(0)
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
                          val_fraction=0.34, val_anomalies="synthetic")  # fmt: skip
-    module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-                          input_size=[64, 80], untrained_epoch=True)  # fmt: skip
+    module = tiny_module(untrained_epoch=True)
     start = {k: v.clone() for k, v in module.state_dict().items() if "descriptor" in k}
     radius = module.model.loss_fn.radius.detach().clone()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -136,7 +136,7 @@ def test_real_val_dir_defects_reach_the_validation_metrics_and_the_thresholds(
     import pytorch_lightning as pl
 
     from cfa_lightning.metrics import AnomalyMetrics
-    from cfa_lightning.models.lit_module import CFALitModule
+    from tiny_models import tiny_module
 
     with caplog.at_level("INFO"):
         dm = _folder_dm(_val_dir_product(synthetic_root, tmp_path, n_good=4))
@@ -157,8 +157,7 @@ def test_real_val_dir_defects_reach_the_validation_metrics_and_the_thresholds(
     pl.seed_everything(0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AnomalyMetrics, "update", counting)  # torchmetrics wraps it at __init__
-        module = CFALitModule({"name": "resnet18", "out_indices": [1, 2, 3], "pretrained": False},
-                              input_size=list(SIZE), threshold_rule="auto")  # fmt: skip
+        module = tiny_module(input_size=list(SIZE), threshold_rule="auto")
     module.build_bank(dm.bank_dataloader())
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False)  # fmt: skip

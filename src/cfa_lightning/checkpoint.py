@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from . import __version__
+
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save has written zip archives since PyTorch 1.6
 
 
@@ -58,19 +60,52 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 # Options of the removed pruned search (and the naive-loss switch), still in older checkpoints.
 RETIRED_HPARAMS = {"search_dims", "search_groups", "prune", "naive_loss"}
+# Options added since the first release, and how the versions before each one worked: an older
+# checkpoint that lacks one is read with this value. The bank and tap_norm shape the model;
+# the others are the recipe's, which do not change a score.
+ADDED_HPARAMS = {
+    "threshold_quantile": 0.99,
+    "threshold_rule": "auto",
+    "val_pixel_stride": 2,
+    "compile": False,
+    "lr_schedule": "none",
+    "untrained_epoch": False,
+    "tap_cache_mb": 2048,
+    "bank": {"construction": "positional"},
+    "tap_norm": False,
+}
+
+
+def written_by(ckpt: Mapping[str, Any]) -> str:
+    """The version that wrote a checkpoint, in words."""
+    version = ckpt.get("cfa_lightning_version")
+    return f"cfa-lightning {version}" if version else "an earlier cfa-lightning (it records none)"
 
 
 def rebuild_module(cls: type, ckpt: Mapping[str, Any], path: str | Path) -> Any:
-    """A LightningModule of class ``cls`` from a loaded checkpoint: its saved hyper-parameters,
-    then its weights (the backbone's included, so no hub download)."""
+    """A LightningModule of class ``cls`` from a loaded checkpoint: `cls.from_config` of its
+    saved flat config, then its weights (the backbone's included, so no hub download)."""
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, Mapping) or "backbone" not in hparams:
         raise CheckpointError(
             f"{path} is not a cfa-lightning checkpoint (no CFA hyper-parameters in it)"
         )
-    backbone = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}
-    kept = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}
-    module = cls(**{**kept, "backbone": backbone})
+    config = {**ADDED_HPARAMS, **{k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}}
+    config["backbone"] = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}
+    known = set(cls.config_keys())
+    unknown, missing = sorted(config.keys() - known), sorted(known - config.keys())
+    if unknown or missing:
+        found = []
+        if unknown:
+            found.append(f"options this version does not know: {', '.join(unknown)}")
+        if missing:
+            found.append(f"options it lacks: {', '.join(missing)}")
+        raise CheckpointError(
+            f"{path} was written by {written_by(ckpt)}, and cfa-lightning {__version__} cannot "
+            f"rebuild its model ({'; '.join(found)}): load it with the version that wrote it, "
+            "or train it again with this one"
+        )
+    module = cls.from_config(**config)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

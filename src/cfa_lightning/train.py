@@ -80,8 +80,9 @@ def continue_in_resumed_folder(resumed: dict[str, Any], callbacks: list) -> None
             return
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, untrained: UntrainedEpoch,
-                  **kw) -> pl.Trainer:  # fmt: skip
+def build_trainer(
+    cfg: DictConfig, callbacks: list, loggers: list, untrained: UntrainedEpoch, **kw
+) -> pl.Trainer:
     """The configured Trainer; ``trainer.max_epochs`` counts trained epochs."""
     kw.setdefault("max_epochs", untrained.lightning_max_epochs(cfg.trainer.get("max_epochs")))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kw)
@@ -120,8 +121,8 @@ def refit(
         for c in instantiate_dict(cfg.get("callbacks"))
         if not isinstance(c, SelectionCheck | EarlyStopping | ModelCheckpoint)
     ]  # progress bar and test media
-    trainer = build_trainer(cfg, others, [], model.untrained, max_epochs=epochs,
-                            limit_val_batches=0, enable_checkpointing=False)  # fmt: skip
+    no_validation = {"limit_val_batches": 0, "enable_checkpointing": False}
+    trainer = build_trainer(cfg, others, [], model.untrained, max_epochs=epochs, **no_validation)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, weights_only=True)
     fit_time = time.perf_counter() - start
@@ -132,12 +133,20 @@ def refit(
     return model, fit_time
 
 
-def write_record(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any,
-                 metrics: dict[str, float], selection: dict[str, Any],
-                 val_metrics: dict[str, float], tested: bool,
-                 timings: dict[str, float | None]) -> None:  # fmt: skip
+def write_record(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    model: Any,
+    datamodule: Any,
+    metrics: dict[str, float],
+    selection: dict[str, Any],
+    val_metrics: dict[str, float],
+    tested: bool,
+    timings: dict[str, float | None],
+) -> None:
     """metrics.json (the test metrics and how they were obtained), the selection curve and the
     run's summary."""
+    refitted = timings["refit_time_s"] is not None
     path = write_metrics(
         output_dir() / "metrics.json",
         metrics,
@@ -150,16 +159,17 @@ def write_record(cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: A
         selection=selection,
         val_metrics=val_metrics,
         tested=tested,
-        refit=timings["refit_time_s"] is not None,
+        refit=refitted,
         **timings,
         world_size=trainer.world_size,
         radius_final=float(model.model.loss_fn.radius.detach()),
         bank_centres=model.model.bank.n_centres,
-        bank_build_s=round(getattr(model, "bank_build_s", math.nan), 2),
+        bank_build_s=round(model.bank_build_s, 2),
     )
     # the chosen epoch and why, its checkpoint, the test metrics, the run folder; the curve PNG
-    report.finish(selection, metrics, path.parent, cfg.get("selection_metric", "val/pixel_AUPRO"),
-                  cfg.trainer.get("max_epochs"), timings["refit_time_s"] is not None, log)  # fmt: skip
+    metric = cfg.get("selection_metric", "val/pixel_AUPRO")
+    epochs = cfg.trainer.get("max_epochs")
+    report.finish(selection, metrics, path.parent, metric, epochs, refitted, log)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -199,8 +209,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
         metrics = dict(model.test_results) if test else {}
         if trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes
-            write_record(cfg, trainer, model, datamodule, metrics, selection, val_metrics, test,
-                         timings)  # fmt: skip
+            write_record(
+                cfg, trainer, model, datamodule, metrics, selection, val_metrics, test, timings
+            )
     return {**val_metrics, **metrics}  # "val/..." and "test/..." keys
 
 

@@ -1,10 +1,11 @@
-"""Building a LightningModule's memory bank from a loader: memory, precision, progress, DDP
+"""Filling a model's memory bank from a loader: memory, precision, progress, DDP
 (memory_bank.py holds the constructions themselves)."""
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -12,54 +13,64 @@ from pytorch_lightning.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from ..distributed import collect_bank_statistics, shard_loader, shared_error, world_and_rank
+from .cfa import CFA
+from .descriptor import PatchDescriptor
 from .memory_bank import NO_OWNER, MemoryBank, image_ids
+
+# The backbone's taps of a batch of images (and their paths, which key a tap cache).
+TapsOf = Callable[[torch.Tensor, Sequence[str] | None], list[torch.Tensor]]
 
 
 @torch.no_grad()
-def build_bank(module: Any, loader: Any, cache_bytes: int = 0) -> float:
-    """The bank of ``module.model`` from phi's initial output over ``loader``'s images; returns
-    the build's seconds. ``cache_bytes``: the budget of the tap cache that fills during the pass
-    (model.tap_cache_mb), counted in the memory the build needs.
+def fill_bank(
+    model: CFA,
+    loader: Any,
+    *,
+    device: torch.device,
+    taps: TapsOf,
+    precision: AbstractContextManager,
+    progress: bool,
+    cache_bytes: int,
+) -> float:
+    """The bank of ``model`` from phi's initial output over ``loader``'s images, on ``device``;
+    returns the build's seconds. ``taps``: the backbone's taps of a batch (the LightningModule's
+    tap cache, which fills during the pass); ``cache_bytes``: that cache's budget
+    (model.tap_cache_mb), counted in the memory the build needs. ``precision``: the training
+    forward's context (bf16 autocast under bf16-mixed), so the centres live where the training
+    and test descriptors do. ``progress``: show a progress bar.
 
     Stops before any work when the bank's size or memory cannot work for these images, on every
-    rank alike. phi runs under the training forward's precision (bf16 autocast under bf16-mixed),
-    so the centres live where the training and test descriptors do. Under DDP each rank reads
-    only its own share of the images, rank 0 alone finishes the bank from all ranks' statistics,
-    and the other ranks receive its centres.
+    rank alike. Under DDP each rank reads only its own share of the images, rank 0 alone
+    finishes the bank from all ranks' statistics, and the other ranks receive its centres.
     """
-    bank, n_images = module.model.bank, len(loader.dataset)
+    bank, n_images = model.bank, len(loader.dataset)
     if n_images < 1:
         raise RuntimeError("memory bank has no training image; is the train split empty?")
-    module.model.check_bank_size(bank.centres_for(n_images))
+    model.check_bank_size(bank.centres_for(n_images))
     world, rank = world_and_rank()
     share = len(range(rank, n_images, world))  # this rank's images
-    cache = min(cache_bytes, share * tap_bytes_per_image(module.model))
-    problem = shared_error(bank.memory_problem(n_images, module.device, world, rank, cache))
+    cache = min(cache_bytes, share * tap_bytes_per_image(model))
+    problem = shared_error(bank.memory_problem(n_images, device, world, rank, cache))
     if problem is not None:
         raise MemoryError(problem)
     bank.reset(n_images)
-    trainer = module._trainer  # None when called outside a Trainer
-    show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback)
-    precision = trainer.precision_plugin.train_step_context() if trainer else nullcontext()
     if world > 1:
         loader = shard_loader(loader, rank, world)
     start = time.perf_counter()
     with precision:
-        for i, batch in enumerate(
-            tqdm(loader, desc="Building memory bank", disable=not show, leave=False)
-        ):
-            images = batch["image"].to(module.device)
-            taps = module.batch_taps(images, batch.get("image_path"))
-            if i == 0 and module.model.descriptor.tap_norm:
-                fit_tap_scales(module.model.descriptor, taps, world)
-            owners = image_ids(batch.get("image_path"), len(images))
-            bank.update(module.model.describe(images, taps), owners)
+        batches = tqdm(loader, desc="Building memory bank", disable=not progress, leave=False)
+        for i, batch in enumerate(batches):
+            images, paths = batch["image"].to(device), batch.get("image_path")
+            batch_taps = taps(images, paths)
+            if i == 0 and model.descriptor.tap_norm:
+                fit_tap_scales(model.descriptor, batch_taps, world)
+            bank.update(model.describe(images, batch_taps), image_ids(paths, len(images)))
     stats, count = bank.statistics()
     owners = bank.pool_owners() if bank.pooled else None
     bank.drop_statistics()  # held by stats and owners alone: sent on and freed
     stats, count, owners = collect_bank_statistics(stats, count, owners)
     finish_on_rank_zero(bank, stats, count, owners)
-    module.model.check_own_copies()
+    model.check_own_copies()
     seconds = time.perf_counter() - start
     owned = int((bank.owners != NO_OWNER).sum())
     rank_zero_info(
@@ -107,15 +118,17 @@ def finish_on_rank_zero(
         bank.assign(centres, centre_owners)
 
 
-def tap_bytes_per_image(model: Any) -> int:
+def tap_bytes_per_image(model: CFA) -> int:
     """The most one image's taps can add to the tap cache: float32 taps at the input size."""
     height, width = model.input_size
     backbone = model.backbone
-    return sum(4 * c * -(-height // s) * -(-width // s)
-               for c, s in zip(backbone.channels, backbone.strides, strict=True))  # fmt: skip
+    return sum(
+        4 * c * -(-height // s) * -(-width // s)
+        for c, s in zip(backbone.channels, backbone.strides, strict=True)
+    )
 
 
-def fit_tap_scales(descriptor: Any, taps: list[torch.Tensor], world: int) -> None:
+def fit_tap_scales(descriptor: PatchDescriptor, taps: list[torch.Tensor], world: int) -> None:
     """``model.tap_norm``: the descriptor's tap scales from the first bank batch's taps (averaged
     over ranks under DDP, so that every rank describes patches alike) before any patch is
     pooled."""

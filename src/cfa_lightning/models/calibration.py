@@ -85,6 +85,8 @@ class ValidationCalibrator:
 
     def add_normal(self, image_scores: Tensor, maps: Tensor) -> None:
         """A batch of normal validation images: their scores (B,) and maps (B, H, W)."""
+        if len(image_scores) == 0:  # a batch of anomalies only
+            return
         self._scores.append(image_scores.detach())
         self._low = min(self._low, float(maps.min()))
 

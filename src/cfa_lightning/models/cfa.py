@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,12 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from ..sizes import as_size
-from .backbone import Backbone
+from .backbone import Backbone, build_backbone
 from .calibration import Calibration
 from .descriptor import PatchDescriptor
 from .distances import (
     Exclusion,
     block_budget,
+    chunk_budget_bytes,
     nearest,
     row_bytes,
     selected_squared_distances,
@@ -28,6 +30,13 @@ from .memory_bank import MemoryBank
 __all__ = ["CFA", "CFAOutput"]
 
 
+def settings_of(cls: type) -> list[str]:
+    """The settings a class takes from the flat model config: its keyword-only parameters (the
+    objects it is given, a backbone or a model, come first, positionally)."""
+    parameters = inspect.signature(cls).parameters.values()
+    return [p.name for p in parameters if p.kind == inspect.Parameter.KEYWORD_ONLY]
+
+
 class CFA(nn.Module):
     """Coupled-hypersphere-based Feature Adaptation (Lee, Lee & Song 2022), without training policy.
 
@@ -35,46 +44,53 @@ class CFA(nn.Module):
     maps. The bank must be built first (`bank.update` over the training set, `bank.finalize`).
     A pass calls `distances.nearest` once and `maps.score_maps` once.
 
-    chunk_bytes: memory budget of one search block; "auto" (CPU 32 MB, CUDA a share of free
-    memory), a number of bytes, or None for a single block (exported graphs).
+    The settings have no defaults here: conf/model/cfa.yaml holds them (`from_config`). K and J
+    are the loss's. chunk_mb: memory budget of one search block in MB, or "auto" (CPU 32 MB,
+    CUDA a share of free memory); `chunk_bytes = None` makes a single block (exported graphs).
     """
 
     def __init__(
         self,
         backbone: Backbone,
-        input_size: int | Sequence[int] = 256,
-        gamma_c: int = 1,
-        gamma_d: int = 1,
-        K: int = 3,
-        J: int = 3,
-        alpha: float = 0.1,
-        nu: float = 1e-3,
-        radius: float = 1e-5,
-        learn_radius: bool = True,
-        blur_sigma: float = 4.0,
-        kmeans_seed: int = 0,
-        chunk_bytes: int | str | None = "auto",
-        bank: Mapping[str, Any] | None = None,
-        tap_norm: bool = False,
+        loss_fn: CFALoss,
+        *,
+        input_size: int | Sequence[int],
+        gamma_c: int,
+        gamma_d: int,
+        blur_sigma: float,
+        kmeans_seed: int,
+        chunk_mb: float | str,
+        bank: Mapping[str, Any],
+        tap_norm: bool,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.input_size = as_size(input_size, "model.input_size")
-        self.K, self.J = K, J
+        self.loss_fn = loss_fn
+        self.K, self.J = loss_fn.K, loss_fn.J  # attracted and repelled centres (the search's k)
         self.blur_sigma = blur_sigma
         self.blur = GaussianBlur(blur_sigma)
         self.descriptor = PatchDescriptor(backbone.channels, gamma_d, tap_norm)
         dim = self.descriptor.out_dim  # D'
         with torch.no_grad():  # (h, w) of the first tap at this input size
             h, w = backbone(torch.zeros(1, 3, *self.input_size))[0].shape[-2:]
-        bank = dict(bank or {})  # construction, size, max_patches, projection_dim
+        # bank: construction, size, max_patches, projection_dim (conf/model/bank/)
         self.bank = MemoryBank(dim, h, w, gamma_c=gamma_c, seed=kmeans_seed, **bank)
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_budget_bytes(chunk_mb)
         self.check_bank_size(self.bank.n_centres)
-        self.loss_fn = CFALoss(
-            K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius
-        )
         self.calibration = Calibration()  # thresholds + normalisation, fitted on validation
+
+    @classmethod
+    def from_config(cls, backbone: Mapping[str, Any], **settings: Any) -> CFA:
+        """The model of the flat model config (conf/model/cfa.yaml, less the recipe's keys): the
+        backbone from its config group, the loss from the keys `CFALoss` takes, the rest here."""
+        loss = {key: settings.pop(key) for key in settings_of(CFALoss) if key in settings}
+        return cls(build_backbone(backbone), CFALoss(**loss), **settings)
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """The keys of the flat config that `from_config` reads."""
+        return ["backbone", *settings_of(CFALoss), *settings_of(cls)]
 
     def check_bank_size(self, m: int) -> None:
         """Refuse a bank of m centres that the search (K + J) or the block budget cannot take."""
@@ -159,6 +175,18 @@ class CFA(nn.Module):
         if not with_output:
             return loss, None
         return loss, self._output(sorted_sq.detach()[:, : self.K], desc.shape, images.shape[-2:])
+
+    @torch.no_grad()
+    def validate(
+        self, images: Tensor, taps: list[Tensor] | None = None
+    ) -> tuple[Tensor, CFAOutput]:
+        """Validation's one pass: each image's training loss alone (B,), and its scores and maps
+        (as `forward`'s, from the same K + J nearest centres)."""
+        self._require_bank()
+        desc = self.describe(images, taps)  # (B, D', h, w)
+        sorted_sq, _ = self.nearest(self.flatten_patches(desc), self.K + self.J)  # (N, K + J)
+        losses = self.loss_fn.per_image(sorted_sq, len(images))  # (B,)
+        return losses, self._output(sorted_sq[:, : self.K], desc.shape, images.shape[-2:])
 
     def _exclusion(self, owners: Tensor | None, hw: int) -> Exclusion | None:
         """The (patch, centre) pairs a batch's search leaves out; None when no centre is owned."""

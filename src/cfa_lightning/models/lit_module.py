@@ -1,7 +1,16 @@
 """CFA's training recipe as a LightningModule: build the bank, train phi, validate, test, predict.
 
 The method itself is the pure model in ``cfa.py`` (docs/method.md maps each equation to its
-file). The rules around it live in their own homes: ``bank_build.py`` (the bank's build over
+file); the module is given one and keeps the recipe's own settings (optimiser, schedule,
+validation, calibration, tap cache). ``conf/model/cfa.yaml`` stays one flat list of keys
+(``model.K``, ``model.lr``, ``model.bank.size``, ...); its ``_target_``, `CFALitModule.from_config`,
+gives each key to the constructor that takes it (`CFALoss`, `CFA`, this module: their
+keyword-only parameters, none with a default) and saves the whole list as the hyper-parameters,
+so every value has one home, the config, and a checkpoint rebuilds the model alone
+(`from_checkpoint`; checkpoint.py reads older checkpoints, which hold the same flat list). In
+Python, `model_config` composes that list with Hydra overrides, as the command line does.
+
+The rules around it live in their own homes: ``bank_build.py`` (the bank's build over
 a loader, DDP included), ``tap_cache.py`` (the frozen backbone's taps kept across a fit),
 ``untrained_epoch.py`` (epoch 0 of a validated fit), ``validation.py`` (a validation epoch's
 sums over ranks) and ``calibration.py`` (thresholds fitted on validation).
@@ -9,8 +18,10 @@ sums over ranks) and ``calibration.py`` (thresholds fitted on validation).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,84 +30,100 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from .. import __version__
 from ..checkpoint import load_checkpoint, rebuild_module
-from ..distributed import (
-    PaddingFilter,
-    current_eval_loader,
-)
+from ..config import CONFIG_DIR, register_resolvers
+from ..distributed import PaddingFilter, current_eval_loader
 from ..metrics import AnomalyMetrics
 from ..sizes import as_size
 from ..utils import plain
-from .backbone import build_backbone
-from .bank_build import build_bank
+from .bank_build import fill_bank
 from .calibration import ValidationCalibrator
-from .cfa import CFA
-from .distances import chunk_budget_bytes
+from .cfa import CFA, settings_of
 from .memory_bank import image_ids
 from .tap_cache import TapCache, tap_cache_bytes
 from .untrained_epoch import UntrainedEpoch
 from .validation import ValidationEpoch
 
 
+def model_config(*overrides: str) -> dict[str, Any]:
+    """The flat model config the command line builds (``conf/train.yaml``'s ``model`` group),
+    with Hydra ``overrides`` ("model.K=3", "backbone=resnet18", "model/bank=positional"), as
+    plain values for `CFALitModule.from_config`. Give the input size ("model.input_size=[64,80]"
+    or "data.image_size=256"): the default, auto, is measured by train.py on the images."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra job or test: its config folder
+        cfg = compose("train", overrides=list(overrides))
+    else:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+    config = plain(cfg.model)
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 class CFALitModule(pl.LightningModule):
     """Builds the memory bank once at the start of fit, then trains phi and r with AdamW.
 
-    Hyper-parameters (including the backbone config) are saved in every checkpoint, so
-    `CFALitModule.from_checkpoint(path)` rebuilds a model that scores identically.
+    ``model``: the pure CFA. The keyword settings are the recipe's; their values come from
+    conf/model/cfa.yaml. Built by `from_config`, the module saves the whole flat config as its
+    hyper-parameters, and `CFALitModule.from_checkpoint(path)` rebuilds a model that scores
+    identically. ``untrained_epoch``: train.py's ``validate_untrained`` (no model key).
     """
 
     def __init__(
         self,
-        backbone: Mapping[str, Any],
-        input_size: int | list[int] = 256,
-        gamma_c: int = 1,
-        gamma_d: int = 1,
-        K: int = 3,
-        J: int = 3,
-        alpha: float = 0.1,
-        nu: float = 1e-3,
-        radius: float = 1e-5,
-        learn_radius: bool = True,
-        blur_sigma: float = 4.0,
-        kmeans_seed: int = 0,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        amsgrad: bool = True,
-        lr_schedule: str = "none",
-        chunk_mb: float | str = "auto",
-        threshold_quantile: float = 0.99,
-        threshold_rule: str = "auto",
-        val_pixel_stride: int = 2,
-        compile: bool = False,
+        model: CFA,
+        *,
+        lr: float,
+        weight_decay: float,
+        amsgrad: bool,
+        lr_schedule: str,
+        threshold_quantile: float,
+        threshold_rule: str,
+        val_pixel_stride: int,
+        compile: bool,
+        tap_cache_mb: float,
         untrained_epoch: bool = False,
-        tap_cache_mb: float = 2048,
-        bank: Mapping[str, Any] | None = None,
-        tap_norm: bool = False,
     ) -> None:
         super().__init__()
-        backbone = plain(backbone)  # plain containers: checkpoints load with weights_only=True
-        input_size = plain(input_size)
-        bank = plain(bank) if bank is not None else {"construction": "positional"}
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["model"])
         if int(val_pixel_stride) < 1:
             raise ValueError(f"model.val_pixel_stride must be >= 1, got {val_pixel_stride}")
         if lr_schedule not in ("none", "cosine"):
             raise ValueError(f"model.lr_schedule={lr_schedule!r}; choose none or cosine")
-        self.model = CFA(
-            build_backbone(backbone), input_size=input_size, gamma_c=gamma_c, gamma_d=gamma_d,
-            K=K, J=J, alpha=alpha, nu=nu, radius=radius, learn_radius=learn_radius,
-            blur_sigma=blur_sigma, kmeans_seed=kmeans_seed,
-            chunk_bytes=chunk_budget_bytes(chunk_mb), bank=bank, tap_norm=tap_norm,
-        )  # fmt: skip
+        self.model = model
         self.val_metrics = AnomalyMetrics(pixel=True)
         self.test_metrics = AnomalyMetrics(pixel=True)
         self.test_results: dict[str, float] = {}
         self.untrained = UntrainedEpoch(untrained_epoch)
         self.calibrator = ValidationCalibrator(
-            self.model.calibration, threshold_quantile, threshold_rule
+            model.calibration, threshold_quantile, threshold_rule
         )
+        self.bank_build_s = math.nan  # seconds of this fit's bank build; a resumed fit has none
         self._taps = TapCache(tap_cache_bytes(tap_cache_mb))
+        self._train_start = time.perf_counter()  # reset when each training epoch starts
+        self._val = ValidationEpoch(self.val_metrics, int(val_pixel_stride))  # reset per epoch
         self._test_filter = PaddingFilter()  # drops the duplicates a DistributedSampler pads in
+
+    @classmethod
+    def from_config(cls, **config: Any) -> CFALitModule:
+        """The module of a flat model config: conf/model/cfa.yaml's ``_target_``, and what a
+        checkpoint's hyper-parameters rebuild. This constructor's keys go to it, the others to
+        `CFA.from_config`; the whole config becomes the hyper-parameters."""
+        config = plain(config)  # plain containers: checkpoints load with weights_only=True
+        recipe = {key: config[key] for key in settings_of(cls) if key in config}
+        model = CFA.from_config(**{k: v for k, v in config.items() if k not in recipe})
+        module = cls(model, **recipe)
+        module.save_hyperparameters({**config, **module.hparams})
+        return module
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """Every key of the flat config: the model's (`CFA.config_keys`), then the recipe's."""
+        return [*CFA.config_keys(), *settings_of(cls)]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> CFALitModule:
@@ -128,6 +155,7 @@ class CFALitModule(pl.LightningModule):
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if key in checkpoint:
                 checkpoint[key] = plain(dict(checkpoint[key]))
+        checkpoint["cfa_lightning_version"] = __version__  # named when a later one cannot load it
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and not hasattr(self.model.describe, "_torchdynamo_orig_callable"):
@@ -160,17 +188,32 @@ class CFALitModule(pl.LightningModule):
             )
         self.build_bank(datamodule.bank_dataloader())
 
-    def build_bank(self, loader) -> None:
-        """The bank from phi's initial output over ``loader``'s images (bank_build.py)."""
-        self.bank_build_s = build_bank(self, loader, cache_bytes=self._taps.max_bytes)
+    def build_bank(self, loader: Any) -> None:
+        """The bank from phi's initial output over ``loader``'s images (bank_build.py), under
+        the training precision; the tap cache keeps the images' taps for the epochs to come."""
+        trainer = self._trainer  # None outside a Trainer
+        self.bank_build_s = fill_bank(
+            self.model,
+            loader,
+            device=self.device,
+            taps=self.batch_taps,
+            precision=trainer.precision_plugin.train_step_context() if trainer else nullcontext(),
+            progress=trainer is None
+            or bool(trainer.is_global_zero and trainer.progress_bar_callback),
+            cache_bytes=self._taps.max_bytes,
+        )
 
     # ---- 2. training phi (and r) -------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]  # phi's CoordConv and r
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, amsgrad=self.hparams.amsgrad,
-                                      weight_decay=self.hparams.weight_decay)  # fmt: skip
-        if self.hparams.get("lr_schedule", "none") == "none":  # the paper's constant rate
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=self.hparams.lr,
+            amsgrad=self.hparams.amsgrad,
+            weight_decay=self.hparams.weight_decay,
+        )
+        if self.hparams.lr_schedule == "none":  # the paper's constant rate
             return optimizer
         factor = self.untrained.cosine(int(self.trainer.max_epochs or 1))  # stepped per epoch
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -216,38 +259,20 @@ class CFALitModule(pl.LightningModule):
     # ---- 3. validation: selection metrics and calibrated thresholds --------------------------
 
     def on_validation_epoch_start(self) -> None:
-        self._val = ValidationEpoch(current_eval_loader(self.trainer, "val"))
+        self._val.start(current_eval_loader(self.trainer, "val"))
         self.calibrator.start_epoch()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        n = self._val.filter.count(len(batch["image"]))  # padding only comes last
+        n = self._val.filter.count(len(batch["image"]))  # the sampler's padding comes last
         if n == 0:
             return
-        images, labels, masks = batch["image"][:n], batch["label"][:n], batch["mask"][:n, 0]
-        paths = batch.get("image_path")
+        images, labels, paths = batch["image"][:n], batch["label"][:n], batch.get("image_path")
         taps = self.batch_taps(images, paths[:n] if paths is not None else None)
-        normal = labels == 0  # (n,)
-        scores, maps = images.new_zeros(n), images.new_zeros(n, *images.shape[-2:])  # (n, H, W)
-        if normal.any():  # val/loss and the calibration see the normal images only
-            loss, out = self.model.loss(
-                images[normal], with_output=True, taps=[t[normal] for t in taps]
-            )
-            scores[normal], maps[normal] = out.image_scores, out.maps
-            self._val.add_normal(loss, out.image_scores)
-            self.calibrator.add_normal(out.image_scores, out.maps)
-        if not normal.all():
-            out = self.model(images[~normal], taps=[t[~normal] for t in taps])
-            scores[~normal], maps[~normal] = out.image_scores, out.maps
-        # Pixel metrics on every s-th pixel per axis (the exact curves would dominate a
-        # validation epoch); test metrics use every pixel. An anomalous image with an empty mask
-        # (a real defect from data.val_dir comes without one) counts in image metrics only.
-        pixel_rows = normal | masks.flatten(1).any(dim=1)  # (n,)
-        s = int(self.hparams.val_pixel_stride)
-        self.val_metrics.update(
-            scores, labels, maps[:, ::s, ::s], masks[:, ::s, ::s], pixel_rows=pixel_rows
-        )
+        losses, out = self.model.validate(images, taps)  # one pass: (n,) losses, scores, maps
         synthetic = batch.get("synthetic", torch.zeros_like(labels, dtype=torch.bool))[:n]
-        self._val.add_labels(labels, synthetic)
+        self._val.add(losses, out, labels, batch["mask"][:n, 0], synthetic)
+        normal = labels == 0  # (n,): the calibration sees the normal images only
+        self.calibrator.add_normal(out.image_scores[normal], out.maps[normal])
 
     def on_validation_epoch_end(self) -> None:
         anomaly, real_anomaly = self._val.end(self)  # every rank calls every reduction
