@@ -37,7 +37,7 @@ import benchmark  # experiments/benchmark.py, beside this script: its peak-memor
 from benchmark import status_mb
 from cfa_lightning.config import CONFIG_DIR
 from cfa_lightning.data import MVTecDataModule
-from cfa_lightning.models.lit_module import CFALitModule
+from cfa_lightning.models.lit_module import CFALitModule, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -72,8 +72,9 @@ def build_one(args: argparse.Namespace) -> dict:
     data.setup("fit")
     loader = data.bank_dataloader()
     torch.manual_seed(0)
-    lit = CFALitModule(backbone_config(args.backbone, args.random_weights),
-                       input_size=args.size, bank=bank_cfg)  # fmt: skip
+    config = model_config(f"model.input_size=[{args.size},{args.size}]")  # the default model
+    backbone = backbone_config(args.backbone, args.random_weights)
+    lit = CFALitModule.from_config(**{**config, "backbone": backbone, "bank": bank_cfg})
     bank = lit.model.bank
     n_images = len(loader.dataset)
 

