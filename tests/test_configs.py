@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose
-from hydra.utils import get_class
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from cfa_lightning.config import CONFIG_DIR, ConfigError, check_train_config, unused_pixels
@@ -31,8 +31,8 @@ def test_experiment_composes(hydra_ctx, experiment):
         assert model["input_size"] == "auto" and cfg.data.pixels > 0
     else:
         assert model["input_size"] == ([size, size] if isinstance(size, int) else list(size))
-    for group in ("data", "model", "backbone", "trainer"):
-        get_class(cfg[group]["_target_"])  # every target imports
+    for group in ("data", "model", "backbone", "trainer"):  # the model's: CFALitModule.from_config
+        assert callable(get_object(cfg[group]["_target_"]))  # every target imports
 
 
 def test_paper_defaults(hydra_ctx):
