@@ -4,6 +4,12 @@ Every checkpoint this package reads goes through `load_checkpoint` (eval, predic
 Python API, and `ckpt_path=` resume in train). It unpickles with `weights_only=True`, so a crafted
 file cannot run code; our own checkpoints hold only tensors, numbers, strings and plain
 containers, so no allowlist of extra classes is needed.
+
+`rebuild_module` makes the model again from the flat model config a checkpoint saves as its
+hyper-parameters (conf/model/cfa.yaml's keys, through `CFALitModule.from_config`). Checkpoints
+of earlier versions hold the same flat list: retired options are dropped, options added since
+read as those versions worked (`ADDED_HPARAMS`), and any other difference stops with one line
+naming the version that wrote the file (saved as ``cfa_lightning_version``).
 """
 
 from __future__ import annotations
@@ -88,7 +94,8 @@ def rebuild_module(cls: type, ckpt: Mapping[str, Any], path: str | Path) -> Any:
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, Mapping) or "backbone" not in hparams:
         raise CheckpointError(
-            f"{path} is not a cfa-lightning checkpoint (no CFA hyper-parameters in it)"
+            f"{path} is not a cfa-lightning checkpoint (no CFA hyper-parameters in it), or one "
+            "of a CFALitModule built around a CFA object: build it with CFALitModule.from_config"
         )
     config = {**ADDED_HPARAMS, **{k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}}
     config["backbone"] = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}

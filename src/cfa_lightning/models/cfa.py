@@ -66,7 +66,6 @@ class CFA(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.input_size = as_size(input_size, "model.input_size")
-        self.loss_fn = loss_fn
         self.K, self.J = loss_fn.K, loss_fn.J  # attracted and repelled centres (the search's k)
         self.blur_sigma = blur_sigma
         self.blur = GaussianBlur(blur_sigma)
@@ -78,6 +77,7 @@ class CFA(nn.Module):
         self.bank = MemoryBank(dim, h, w, gamma_c=gamma_c, seed=kmeans_seed, **bank)
         self.chunk_bytes = chunk_budget_bytes(chunk_mb)
         self.check_bank_size(self.bank.n_centres)
+        self.loss_fn = loss_fn  # after phi: the optimiser's parameter order of older checkpoints
         self.calibration = Calibration()  # thresholds + normalisation, fitted on validation
 
     @classmethod
