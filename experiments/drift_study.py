@@ -321,6 +321,46 @@ def report(folder: Path, monitor: str) -> str:
     return "\n".join(lines)
 
 
+FAMILY_RULES = {  # validation curve -> the pixel AUPRO that EarlyStopping(3) watches
+    "as the run validates (every 2nd pixel; the default)": "val/pixel_AUPRO",
+    "all pixels, five families (crack left out)": "val_family/all_but_crack/pixel_AUPRO",
+    "all pixels, six families": "val_family/all/pixel_AUPRO",
+    "crack alone": "val_family/synthetic_crack/pixel_AUPRO",
+    "mean of the six families' own": "mean",
+}
+
+
+def family_value(row: dict[str, Any], key: str) -> float:
+    """A FAMILY_RULES curve's value at one epoch (``mean``: of each family's own AUPRO)."""
+    if key != "mean":
+        return row.get(key, float("nan"))
+    own = [v for k, v in row.items() if k.startswith("val_family/synthetic_") and "AUPRO" in k]
+    return sum(own) / len(own) if own else float("nan")
+
+
+def family_report(folder: Path, patience: int = 3) -> str:
+    """Runs made with ``--val-by-family``: the epoch that EarlyStopping(patience) and the best
+    checkpoint would choose on each validation curve of FAMILY_RULES, and its test metrics."""
+    lines = [
+        f"EarlyStopping(patience {patience}) simulated on each validation curve; test metrics "
+        "are DEVELOPMENT DATA. mean ± std over seeds; epochs per seed.",
+        "",
+        "| category | validation curve | seeds | image AUROC | pixel AUROC | AUPRO | chosen epochs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (category, _), runs in sorted(load_runs(folder).items()):
+        runs = [r for r in runs if any(k.startswith("val_family/") for k in r["curve"][0])]
+        for name, key in FAMILY_RULES.items() if runs else []:
+            picked = []
+            for run in runs:
+                values = [family_value(row, key) for row in run["curve"]]
+                picked.append(run["curve"][early_stop_epoch(values, patience)[0]])
+            cells = [_cell([row[f"test/{k}"] for row in picked]) for k in KEYS]
+            epochs = ", ".join(str(row["epoch"]) for row in picked)
+            lines.append(f"| {category} | {name} | {len(runs)} | {' | '.join(cells)} | {epochs} |")
+    return "\n".join(lines)
+
+
 def refit_report(groups: dict, monitor: str, patience: int = 3) -> list[str]:
     """Refit against no refit, paired by seed: the epoch EarlyStopping(patience) chooses on the
     base run's validation curve, tested after the base run's fit (the split's bank and
@@ -383,7 +423,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     parser.add_argument("--report", action="store_true", help="print the tables of --out")
+    parser.add_argument(
+        "--family-report",
+        action="store_true",
+        help="print the rule table of the --val-by-family runs in --out",
+    )
     args = parser.parse_args(argv)
+    if args.family_report:
+        print(family_report(args.out))
+        return
     if args.report:
         print(report(args.out, args.monitor))
         return

@@ -59,7 +59,7 @@ def test_unknown_family_lists_the_known_ones():
     ):
         check_families(["cutpaste", "cutpast"], "data.synthetic_anomalies.families")
     with pytest.raises(ValueError, match="known families"):
-        draw_defect("crack", np.random.default_rng(0), _images(1)[0])
+        draw_defect("dent", np.random.default_rng(0), _images(1)[0])
 
 
 def test_integer_images_are_refused():

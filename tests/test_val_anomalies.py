@@ -33,7 +33,7 @@ def test_validation_holds_normal_images_and_synthetic_defects(synthetic_root):
         assert item["mask"].sum() > 0
     families = {it["defect_type"] for it in items[n:]}
     assert families == {f"synthetic_{f}" for f in ("cutpaste", "cutpaste_scar", "perlin",
-                                                   "scratch", "spot")}  # fmt: skip
+                                                   "scratch", "spot", "crack")}  # fmt: skip
     # each defect changed exactly its mask's pixels of its normal image
     for j, item in enumerate(items[n:]):
         source = items[j // 3]["image"]
@@ -187,3 +187,20 @@ def test_a_val_dir_with_too_few_normal_images_names_it(synthetic_root, tmp_path)
     category = _val_dir_product(synthetic_root, tmp_path, n_good=2)
     with pytest.raises(ValueError, match=r"data.val_dir=val holds 2: put at least 4 normal"):
         _folder_dm(category)
+
+
+@pytest.mark.parametrize("data", ["mvtec", "folder", "synthetic", "shared"])
+def test_every_data_config_validates_on_the_one_set_of_defaults(data):
+    """conf/validation/synthetic.yaml is the one home of the synthetic anomalies' defaults: each
+    data config composes it, and the Python side reads the same file."""
+    from hydra import compose, initialize_config_dir
+
+    from cfa_lightning.config import CONFIG_DIR, register_resolvers
+    from cfa_lightning.data.val_anomalies import SyntheticAnomalyConfig
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        composed = compose("train", overrides=[f"data={data}"]).data.synthetic_anomalies
+    defaults = SyntheticAnomalyConfig.from_mapping(None)
+    assert vars(SyntheticAnomalyConfig.from_mapping(composed)) == vars(defaults)
+    assert "crack" in defaults.families and defaults.per_image == 3

@@ -11,13 +11,15 @@ image, and no external data set.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from .defects import DEFECT_FAMILIES, check_families, draw_defect
+from .defects import check_families, draw_defect
 
 __all__ = ["SyntheticAnomalyConfig", "SyntheticValidationSet"]
 
@@ -25,14 +27,13 @@ SYNTHETIC_PREFIX = "synthetic_"  # defect_type of a synthetic anomaly: synthetic
 
 
 class SyntheticAnomalyConfig:
-    """Options of ``data.synthetic_anomalies`` (see ``conf/data/mvtec.yaml``)."""
+    """Options of ``data.synthetic_anomalies``. Their defaults live in one file,
+    ``conf/validation/synthetic.yaml``, which every data config and :meth:`from_mapping` read."""
+
+    DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "validation" / "synthetic.yaml"
 
     def __init__(
-        self,
-        families: str | Sequence[str] = DEFECT_FAMILIES,
-        per_image: int = 2,
-        seed: int = 0,
-        min_images: int = 4,
+        self, *, families: str | Sequence[str], per_image: int, seed: int, min_images: int
     ) -> None:
         self.families = check_families(families, "data.synthetic_anomalies.families")
         if int(per_image) < 1:
@@ -43,15 +44,16 @@ class SyntheticAnomalyConfig:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> SyntheticAnomalyConfig:
+        """The options given, the rest from ``conf/validation/synthetic.yaml``."""
+        defaults = OmegaConf.to_container(OmegaConf.load(cls.DEFAULTS))
         options = dict(options or {})
-        known = {"families", "per_image", "seed", "min_images"}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise ValueError(
                 f"data.synthetic_anomalies: unknown option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
+                f"known: {', '.join(sorted(defaults))}"
             )
-        return cls(**options)
+        return cls(**{**defaults, **options})
 
 
 class SyntheticValidationSet(Dataset):
