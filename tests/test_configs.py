@@ -139,3 +139,13 @@ def test_the_train_command_refuses_an_uncapped_last_epoch_before_any_work(tmp_pa
         )
     )
     assert not (tmp_path / "none").exists()  # no data was looked for, no download started
+
+
+def test_fast_preset_only_shrinks_the_coreset(hydra_ctx):
+    """+preset=fast changes the bank's size and nothing else."""
+    base = compose("train", overrides=["+experiment=efficientnet_lite0"])
+    fast = compose("train", overrides=["+experiment=efficientnet_lite0", "+preset=fast"])
+    assert base.model.bank.construction == fast.model.bank.construction
+    assert (base.model.bank.size, fast.model.bank.size) == (16384, 4096)
+    fast.model.bank.size = base.model.bank.size
+    assert fast == base
