@@ -7,7 +7,8 @@ swapped from round to round so that the drift of a shared machine hits both alik
 - ours: `--child ours`, run by the driver's Python. The model is the LightningModule that the
   project's default configuration composes (`conf/train.yaml`, so `conf/model/cfa.yaml` with its
   bank and taps settings), with only the backbone's name, random weights and the image size
-  overridden. Training = `CFA.loss` + backward + the module's own optimiser step; inference =
+  overridden. `--ours-overrides` adds another configuration of ours (Hydra overrides, such as
+  `model/bank=positional`), timed in the same rounds and set beside the same peer. Training = `CFA.loss` + backward + the module's own optimiser step; inference =
   the pure model's maps under inference mode.
 - peer: `--child peer`, run by `.venv-peer/bin/python` (anomalib 2.7.0 needs `lightning`, which
   the project's environment never holds: `make peer-env`). anomalib's `Cfa` with its own defaults
@@ -25,6 +26,7 @@ anomalib's CFA cannot take tf_efficientnet_lite0 (docs/speed.md says why): the b
 
     make peer-env && make peer-bench        # = python experiments/peer_speed.py (defaults below)
     python experiments/peer_speed.py --size 64 --batch 2 --rounds 1 --steps 2 --threads 1
+    python experiments/peer_speed.py --backbones resnet18 --ours-overrides model/bank=positional
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def ours_side(args: argparse.Namespace, images, bank_images) -> tuple[dict, obje
     from cfa_lightning.config import CONFIG_DIR
 
     overrides = [f"backbone.name={args.backbone}", "backbone.pretrained=false",
-                 f"data.image_size={args.size}", "data.crop_size=null"]  # fmt: skip
+                 f"data.image_size={args.size}", "data.crop_size=null", *args.overrides]  # fmt: skip
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     module = instantiate(cfg.model)  # CFALitModule
@@ -111,7 +113,24 @@ def ours_side(args: argparse.Namespace, images, bank_images) -> tuple[dict, obje
     keys = ("K", "J", "gamma_c", "gamma_d", "tap_norm")
     settings = {k: cfg.model[k] for k in keys if k in cfg.model}
     settings["bank"] = cfg.model.get("bank", {}).get("construction", "positional")
+    settings["centres"] = module.model.bank.n_centres
+    settings["taps"] = list(cfg.backbone.out_indices)
     return settings, train, infer
+
+
+def random_weights_in_anomalib() -> None:
+    """anomalib 2.7.0's CFA has no option for random weights: its `get_feature_extractor` always
+    loads torchvision's DEFAULT (ImageNet) weights from the network. Swap in the same torchvision
+    network and taps with random weights; nothing else of anomalib changes."""
+    import torchvision
+    from anomalib.models.image.cfa import torch_model
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    def random_extractor(backbone: str, return_nodes: list[str]):
+        net = getattr(torchvision.models, backbone)(weights=None)
+        return create_feature_extractor(net, return_nodes=return_nodes).eval()
+
+    torch_model.get_feature_extractor = random_extractor
 
 
 def peer_side(args: argparse.Namespace, images, bank_images) -> tuple[dict, object, object]:
@@ -120,18 +139,11 @@ def peer_side(args: argparse.Namespace, images, bank_images) -> tuple[dict, obje
 
     import anomalib
     import torch
-    import torchvision
     from anomalib.models.image.cfa import torch_model
     from anomalib.models.image.cfa.lightning_model import Cfa
     from torch.utils.data import DataLoader
-    from torchvision.models.feature_extraction import create_feature_extractor
 
-    def random_extractor(backbone: str, return_nodes: list[str]):
-        # anomalib's own builds the same network with torchvision's DEFAULT (ImageNet) weights.
-        net = getattr(torchvision.models, backbone)(weights=None)
-        return create_feature_extractor(net, return_nodes=return_nodes).eval()
-
-    torch_model.get_feature_extractor = random_extractor
+    random_weights_in_anomalib()
     cfa = Cfa(backbone=args.backbone, pre_processor=False, post_processor=False,
               evaluator=False, visualizer=False)  # fmt: skip
     model, loss_fn = cfa.model, cfa.loss  # CfaModel, CfaLoss
@@ -152,7 +164,9 @@ def peer_side(args: argparse.Namespace, images, bank_images) -> tuple[dict, obje
             model(images).anomaly_map.sum().item()
 
     settings = {"K": loss_fn.num_nearest_neighbors, "J": loss_fn.num_hard_negative_features,
-                "gamma_c": model.gamma_c, "gamma_d": model.gamma_d, "anomalib": anomalib.__version__}  # fmt: skip
+                "gamma_c": model.gamma_c, "gamma_d": model.gamma_d, "bank": "positional",
+                "centres": model.memory_bank.shape[1], "taps": torch_model.get_return_nodes(args.backbone),
+                "anomalib": anomalib.__version__}  # fmt: skip
     return settings, train, infer
 
 
@@ -200,35 +214,50 @@ def peer_missing_message(python: str) -> str:
             f"({PEER_INSTALL}), then run make peer-bench")  # fmt: skip
 
 
+def ours_configs(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each configuration of ours by its label: "ours" (the default) and one per --ours-overrides."""
+    configs = {"ours": []}
+    for overrides in args.ours_overrides:
+        configs["ours " + " ".join(overrides)] = list(overrides)
+    return configs
+
+
 def run_child(python: str, side: str, phase: str, backbone: str, args) -> dict:
-    """One child process; its result, or {"error": its last line of stderr}."""
-    command = [python, str(Path(__file__).resolve()), "--child", side, "--phase", phase,
+    """One child process; its result (its side named by ``side``, a label of ours_configs or
+    "peer"), or {"error": its last line of stderr}."""
+    overrides = ours_configs(args).get(side, [])
+    kind = "peer" if side == "peer" else "ours"
+    command = [python, str(Path(__file__).resolve()), "--child", kind, "--phase", phase,
                "--backbone", backbone, "--size", str(args.size), "--batch", str(args.batch),
                "--steps", str(args.steps), "--threads", str(args.threads),
                "--bank-images", str(args.bank_images or args.batch)]  # fmt: skip
+    if overrides:
+        command += ["--overrides", *overrides]
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        return {**json.loads(lines[-1]), "side": side}
     errors = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
     return {"side": side, "backbone": backbone, "phase": phase, "error": errors[-1][:300]}
 
 
 def plan(args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
-    """(round, backbone, phase, side) in running order; the sides swap every round."""
+    """(round, backbone, phase, side) in running order; the order of the sides (each
+    configuration of ours, then the peer) reverses every round."""
+    order = [*ours_configs(args), "peer"]
     runs = []
     for round_ in range(args.rounds):
-        sides = SIDES if round_ % 2 == 0 else SIDES[::-1]
+        sides = order if round_ % 2 == 0 else order[::-1]
         for backbone in [*args.backbones, *args.ours_only_backbones]:
             both = backbone not in args.ours_only_backbones
             for phase in PHASES:
-                runs += [(round_, backbone, phase, s) for s in sides if both or s == "ours"]
+                runs += [(round_, backbone, phase, s) for s in sides if both or s != "peer"]
     return runs
 
 
-HEADER = ("backbone", "px", "batch", "train img/s ours / peer", "train x",
+HEADER = ("backbone", "ours", "px", "batch", "train img/s ours / peer", "train x",
           "infer img/s ours / peer", "infer x", "train peak MB ours / peer", "train MB x",
           "infer peak MB ours / peer", "infer MB x")  # fmt: skip
 
@@ -244,34 +273,41 @@ def summarise(results: list[dict]) -> dict[tuple[str, str, str], dict]:
             for key, rs in cells.items()}  # fmt: skip
 
 
-def table(results: list[dict], backbones: list[str], size: int, batch: int) -> list[str]:
-    """The Markdown table: ours / peer per phase and the ratios ours / peer ("-" where a side
-    has no result)."""
+def table(
+    results: list[dict], backbones: list[str], size: int, batch: int, configs=("ours",)
+) -> list[str]:
+    """The Markdown table, one row per backbone and configuration of ours (a label of
+    ours_configs): ours / peer per phase and the ratios ours / peer ("-" where a side has no
+    result)."""
     cells = summarise(results)
 
-    def pair(backbone: str, phase: str, key: str, fmt: str) -> tuple[str, str]:
-        ours, peer = (cells.get((backbone, s, phase), {}).get(key) for s in SIDES)
+    def pair(backbone: str, config: str, phase: str, key: str, fmt: str) -> tuple[str, str]:
+        ours, peer = (cells.get((backbone, s, phase), {}).get(key) for s in (config, "peer"))
         text = " / ".join("-" if v is None else f"{v:{fmt}}" for v in (ours, peer))
         return text, "-" if ours is None or peer is None else f"x{ours / peer:.2f}"
 
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for backbone in backbones:
-        row = [backbone, str(size), str(batch)]
-        for key, fmt in (("ips", ".2f"), ("peak_mb", ".0f")):
-            for phase in PHASES:
-                row += pair(backbone, phase, key, fmt)
-        lines.append("| " + " | ".join(row) + " |")
+        for config in configs:
+            name = config.removeprefix("ours").strip() or "default"
+            row = [backbone, name, str(size), str(batch)]
+            for key, fmt in (("ips", ".2f"), ("peak_mb", ".0f")):
+                for phase in PHASES:
+                    row += pair(backbone, config, phase, key, fmt)
+            lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
 def header(results: list[dict], args: argparse.Namespace) -> str:
     """What ran where: the CPU and threads (from our child), versions and settings of each side."""
+    labels = [*ours_configs(args), "peer"]
     first = {s: next((r for r in results if r.get("side") == s and "error" not in r), None)
-             for s in SIDES}  # fmt: skip
-    ours, peer = first["ours"], first["peer"]
+             for s in labels}  # fmt: skip
+    ours = next((first[s] for s in labels if s != "peer" and first[s]), None)
     where = ours["machine"] if ours else f"{os.cpu_count()} CPUs, {args.threads} thread(s)"
     sides = []
-    for name, r in (("ours", ours), ("peer (anomalib CfaModel + CfaLoss)", peer)):
+    for label, r in first.items():
+        name = "peer (anomalib CfaModel + CfaLoss)" if label == "peer" else label
         if r is not None:
             settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
             sides.append(f"{name}: torch {r['torch']}, {r['threads']} thread(s), {settings}, "
@@ -296,10 +332,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bank-images", type=int, help="random images of each bank (default: batch)")  # fmt: skip
     parser.add_argument("--peer-python", default=PEER_PYTHON,
                         help="the peer environment's Python (env CFA_PEER_PYTHON)")  # fmt: skip
+    parser.add_argument("--ours-overrides", nargs="+", action="append", default=[],
+                        metavar="OVERRIDE",
+                        help="Hydra overrides of one more configuration of ours, timed beside the "
+                             "default in the same rounds (repeat the option for more), e.g. "
+                             "model/bank=positional")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write every child's result to this file")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=PHASES, default="train", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key in ("size", "batch", "rounds", "steps", "threads"):
         if getattr(args, key) < 1:
@@ -331,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {round_ + 1}/{args.rounds} {backbone} {phase} {side}: {done}",
               file=sys.stderr, flush=True)  # fmt: skip
     print(header(results, args) + "\n")
-    print("\n".join(table(results, [*args.backbones, *args.ours_only_backbones], args.size,
-                          args.batch)))  # fmt: skip
+    backbones, configs = [*args.backbones, *args.ours_only_backbones], list(ours_configs(args))
+    print("\n".join(table(results, backbones, args.size, args.batch, configs)))
+    if args.rounds > 1:  # each round's own figures, to see how far the rounds agree
+        for round_ in range(args.rounds):
+            print(f"\nround {round_ + 1} alone:\n")
+            own = [r for r in results if r.get("round") == round_]
+            print("\n".join(table(own, backbones, args.size, args.batch, configs)))
     errors = [r for r in results if "error" in r]
     for r in errors:
         print(f"error: {r['backbone']} {r['phase']} {r['side']} round {r['round'] + 1}: "

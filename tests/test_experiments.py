@@ -2,7 +2,8 @@
 small synthetic data set, so a script that follows a retired path fails here and not on the day
 someone needs its figures. The two that quantise a model to INT8 (NNCF: seconds of CPU each) run
 with `make test-slow`. aggregate.py, peer_speed.py and gpu_check.py have test files of their own
-(tests/test_aggregate.py, tests/test_peer_speed.py, tests/test_gpu_check.py)."""
+(tests/test_aggregate.py, tests/test_peer_speed.py, tests/test_gpu_check.py), and so has
+time_to_model.py (tests/test_time_to_model.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-TESTED_ELSEWHERE = {"aggregate", "peer_speed", "gpu_check"}
+TESTED_ELSEWHERE = {"aggregate", "peer_speed", "gpu_check", "time_to_model"}
 TESTED_HERE = {"bank_build", "benchmark", "drift_study", "epoch0_probe", "int8_accuracy",
                "plot_curves", "runtime_benchmark", "runtime_profile", "search_margin",
                "tune_then_test"}  # fmt: skip
@@ -88,11 +89,16 @@ def test_epoch0_probe_scores_the_untrained_model(script, synthetic_root, capsys)
 def test_drift_study_records_report_and_plot(script, cookies_root, tmp_path, capsys):
     drift = script("drift_study")
     drift.main(["--category", "cookies", "--epochs", "1", "--test-every", "2", "--out",
-                str(tmp_path), *SMALL_RESNET, f"data.root={cookies_root}",
+                str(tmp_path), "--val-by-family", *SMALL_RESNET, f"data.root={cookies_root}",
                 "data.val_fraction=0.34"])  # fmt: skip
     record = json.loads((tmp_path / "cookies_base_seed0.json").read_text())
     assert [row["epoch"] for row in record["curve"]] == [0, 1]
     assert all("test/pixel_AUPRO" in row for row in record["curve"])
+    assert all("val_family/synthetic_crack/pixel_AUPRO" in row for row in record["curve"])
+    capsys.readouterr()
+    drift.main(["--family-report", "--out", str(tmp_path)])
+    rows = re.findall(r"^\| cookies \| .* \| 1 \| .* \| [01] \|$", capsys.readouterr().out, re.M)
+    assert len(rows) == len(drift.FAMILY_RULES)
     capsys.readouterr()
     drift.main(["--report", "--out", str(tmp_path)])
     assert "| cookies | base | last epoch | 1 |" in capsys.readouterr().out
@@ -117,6 +123,18 @@ def test_runtime_benchmark_runs_every_runtime(script, synthetic_root, capsys):
                 "--calibration", str(synthetic_root / "synthetic" / "train" / "good")])  # fmt: skip
     row = r"^resnet18 +1 +[\d.]+( +[\d.]+ \([\d.]+x\)){3}$"  # PyTorch, then 3 runtimes x ratio
     assert re.search(row, capsys.readouterr().out, re.M)
+
+
+def test_runtime_benchmark_follows_the_default_config(script, synthetic_root, capsys):
+    bench = script("runtime_benchmark")  # onnxruntime alone: no OpenVINO export, seconds
+    good = synthetic_root / "synthetic" / "train" / "good"
+    for overrides, bank in (([], "bank=coreset"), (["model/bank=positional"], "bank=positional")):
+        bench.main(["--backbones", "resnet18", "--batches", "1", "--size", "64", "--rounds", "1",
+                    "--seconds", "0", "--threads", "1", "--runtimes", "onnxruntime",
+                    "--calibration", str(good), "--overrides", *overrides])  # fmt: skip
+        out = capsys.readouterr().out
+        assert f"# resnet18: {bank}, " in out and "taps=[2, 3], K=1" in out
+        assert re.search(r"^resnet18 +1 +[\d.]+ +[\d.]+ \([\d.]+x\)$", out, re.M)
 
 
 def test_runtime_profile_times_every_stage(script, synthetic_root, capsys):

@@ -30,6 +30,12 @@ def test_defaults_and_overrides():
                                   "--size", "64", "--threads", "1", "--peer-python", "/x/python"])  # fmt: skip
     assert (args.backbones, args.ours_only_backbones, args.size) == (["resnet18"], [], 64)
     assert (args.threads, args.peer_python) == (1, "/x/python")
+    assert args.ours_overrides == [] and list(peer_speed.ours_configs(args)) == ["ours"]
+    args = peer_speed.parse_args(["--ours-overrides", "model/bank=positional", "model.K=3",
+                                  "--ours-overrides", "model.gamma_d=2"])  # fmt: skip
+    assert peer_speed.ours_configs(args) == {
+        "ours": [], "ours model/bank=positional model.K=3": ["model/bank=positional", "model.K=3"],
+        "ours model.gamma_d=2": ["model.gamma_d=2"]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -57,6 +63,21 @@ def test_the_sides_alternate_and_ours_only_runs_alone():
     assert {r[3] for r in lite0} == {"ours"} and len(lite0) == 4  # 2 rounds x 2 phases
 
 
+def test_more_configurations_of_ours_run_in_the_same_rounds():
+    args = peer_speed.parse_args(["--backbones", "resnet18", "--ours-only-backbones",
+                                  "--ours-overrides", "model/bank=positional"])  # fmt: skip
+    runs = peer_speed.plan(args)
+    label = "ours model/bank=positional"
+    assert [r[3] for r in runs[:3]] == ["ours", label, "peer"]
+    assert [r[3] for r in runs[6:9]] == ["peer", label, "ours"]  # round 2 reversed
+    results = [fake("ours", "resnet18", "train", 2.0, 1200), fake(label, "resnet18", "train", 4.0, 1100),
+               fake("peer", "resnet18", "train", 1.0, 2200)]  # fmt: skip
+    lines = peer_speed.table(results, ["resnet18"], 256, 8, list(peer_speed.ours_configs(args)))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[:6] for row in rows] == [["resnet18", "default", "256", "8", "2.00 / 1.00", "x2.00"],
+                                         ["resnet18", "model/bank=positional", "256", "8", "4.00 / 1.00", "x4.00"]]  # fmt: skip
+
+
 def test_table_medians_ratios_and_missing_sides():
     results = [
         fake("ours", "resnet18", "train", 2.0, 1200), fake("peer", "resnet18", "train", 1.0, 2400),
@@ -66,13 +87,13 @@ def test_table_medians_ratios_and_missing_sides():
         fake("ours", "tf_efficientnet_lite0", "train", 5.0, 900),
     ]  # fmt: skip
     lines = peer_speed.table(results, ["resnet18", "tf_efficientnet_lite0"], 256, 8)
-    assert lines[0].startswith("| backbone | px | batch | train img/s ours / peer")
+    assert lines[0].startswith("| backbone | ours | px | batch | train img/s ours / peer")
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     # train: median 3.0 vs 1.0; peak: the max over rounds; errors are left out of the cells
-    assert cells == ["resnet18", "256", "8", "3.00 / 1.00", "x3.00", "3.00 / 6.00", "x0.50",
+    assert cells == ["resnet18", "default", "256", "8", "3.00 / 1.00", "x3.00", "3.00 / 6.00", "x0.50",
                      "1300 / 2400", "x0.54", "1000 / 500", "x2.00"]  # fmt: skip
     cells = [c.strip() for c in lines[3].strip("|").split("|")]
-    assert cells[3:7] == ["5.00 / -", "-", "- / -", "-"]
+    assert cells[4:8] == ["5.00 / -", "-", "- / -", "-"]
 
 
 def test_header_names_the_cpu_and_threads():
