@@ -180,7 +180,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = random_images(args.batch, args.size, seed=0)
-    bank_images = random_images(args.bank_images or args.batch, args.size, seed=1)
+    bank_images = random_images(args.bank_images, args.size, seed=1)
     side = ours_side if args.child == "ours" else peer_side
     settings, train, infer = side(args, images, bank_images)
     seconds = time_steps(train if args.phase == "train" else infer, args.steps)
@@ -230,7 +230,7 @@ def run_child(python: str, side: str, phase: str, backbone: str, args) -> dict:
     command = [python, str(Path(__file__).resolve()), "--child", kind, "--phase", phase,
                "--backbone", backbone, "--size", str(args.size), "--batch", str(args.batch),
                "--steps", str(args.steps), "--threads", str(args.threads),
-               "--bank-images", str(args.bank_images or args.batch)]  # fmt: skip
+               "--bank-images", str(args.bank_images)]  # fmt: skip
     if overrides:
         command += ["--overrides", *overrides]
     threads = str(args.threads)
@@ -329,7 +329,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds, sides alternating")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per child")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every child")
-    parser.add_argument("--bank-images", type=int, help="random images of each bank (default: batch)")  # fmt: skip
+    parser.add_argument("--bank-images", type=int, default=16,
+                        help="random images of each bank; 16 fill the default's 16384 centres at "
+                             "256 px (1024 patches each), fewer give it a smaller bank")  # fmt: skip
     parser.add_argument("--peer-python", default=PEER_PYTHON,
                         help="the peer environment's Python (env CFA_PEER_PYTHON)")  # fmt: skip
     parser.add_argument("--ours-overrides", nargs="+", action="append", default=[],
