@@ -134,6 +134,7 @@ class DriftRecorder(pl.Callback):
         """Validation metrics of each synthetic defect family alone: the normal validation images
         with that family's defective copies. Tells which families' curves follow the test's."""
         scores, labels, maps, masks, kinds = [], [], [], [], []
+        was_training = pl_module.training
         pl_module.eval()
         for batch in self.val_loader:
             out = pl_module.model(batch["image"].to(pl_module.device))
@@ -142,7 +143,7 @@ class DriftRecorder(pl.Callback):
             maps.append(out.maps.cpu())
             masks.append(batch["mask"][:, 0])
             kinds += list(batch["defect_type"])
-        pl_module.train()
+        pl_module.train(was_training)
         scores, labels = torch.cat(scores), torch.cat(labels)
         maps, masks = torch.cat(maps), torch.cat(masks)
         normal = labels == 0
