@@ -65,16 +65,20 @@ def backbone_config(name: str, random_weights: bool) -> dict:
 def build_one(args: argparse.Namespace) -> dict:
     """Build one bank (`args.one`: construction[:size]) in this process and measure it."""
     construction, _, size = args.one.partition(":")
-    bank_cfg = {"construction": construction, "size": int(size) if size else None}
     data = MVTecDataModule(root=str(args.root), category=args.category, image_size=args.size,
                            eval_batch_size=args.batch, num_workers=0,
                            val_fraction=args.val_fraction, verify_images=False)  # fmt: skip
     data.setup("fit")
     loader = data.bank_dataloader()
     torch.manual_seed(0)
-    config = model_config(f"model.input_size=[{args.size},{args.size}]")  # the default model
+    config = model_config(  # the default model with this bank (no size: h * w)
+        f"model.input_size=[{args.size},{args.size}]",
+        f"model/bank={construction}",
+        f"model.bank.size={int(size) if size else 'null'}",
+    )
+    bank_cfg = config["bank"]
     backbone = backbone_config(args.backbone, args.random_weights)
-    lit = CFALitModule.from_config(**{**config, "backbone": backbone, "bank": bank_cfg})
+    lit = CFALitModule.from_config(**{**config, "backbone": backbone})
     bank = lit.model.bank
     n_images = len(loader.dataset)
 

@@ -165,6 +165,13 @@ def check_against_naive(model: CFA, images: torch.Tensor, autocast) -> dict[str,
     }
 
 
+def bank_group(construction: str, size: int | float | None) -> dict:
+    """The model config's bank for ``construction`` (conf/model/bank/), with ``size`` (None:
+    h * w)."""
+    size_override = "null" if size is None else str(size)
+    return model_config(f"model/bank={construction}", f"model.bank.size={size_override}")["bank"]
+
+
 def bank_label(bank: dict) -> str:
     size = bank.get("size")
     return bank["construction"] + ("" if size is None else f" {size}")
@@ -192,8 +199,9 @@ def run_cell(name: str, size: int, batch: int, precision: str, device: torch.dev
     each round, train and inference. The first bank is the reference of the "vs h*w" ratios."""
     torch.manual_seed(0)
     config = default_model()
+    settings = {k: v for k, v in config["backbone"].items() if k not in ("_target_", "name")}
     backbone = Backbone(
-        name, out_indices=taps or config["backbone"]["out_indices"], pretrained=False
+        name, **{**settings, "out_indices": taps or settings["out_indices"], "pretrained": False}
     )
     cell = {"backbone": name, "size": size, "batch": batch, "precision": precision,
             "device": str(device), "rounds": rounds, "bank_images": bank_images}  # fmt: skip
@@ -353,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         bank_size(args.bank_size, args.bank, 1, 1)
     except ValueError as err:
         parser.error(f"--bank {args.bank} --bank-size {args.bank_size}: {err}")
-    banks = [{"construction": "positional"}]
+    banks = [bank_group("positional", None)]
     if args.bank != "positional":
-        banks.append({"construction": args.bank, "size": args.bank_size})
+        banks.append(bank_group(args.bank, args.bank_size))
     device = torch.device(args.device)
     peak = "max allocated" if device.type == "cuda" else "peak RSS of the process during the step"
     print(f"# CFA fast vs naive on {machine(device)}; torch {torch.__version__}; random weights; "

@@ -74,13 +74,13 @@ def coreset_checkpoint(synthetic_root, tmp_path_factory) -> Path:
     import pytorch_lightning as pl
 
     from cfa_lightning.data import MVTecDataModule
-    from tiny_models import tiny_module
+    from tiny_models import bank_group, tiny_module
 
     pl.seed_everything(0)
     out = tmp_path_factory.mktemp("coreset")
     dm = MVTecDataModule(str(synthetic_root), "synthetic", image_size=(64, 80), batch_size=4,
                          eval_batch_size=4, val_fraction=0.25)  # fmt: skip
-    module = tiny_module(bank={"construction": "coreset", "size": 0.5}, tap_norm=True)
+    module = tiny_module(bank=bank_group("coreset", size=0.5), tap_norm=True)
     trainer = pl.Trainer(default_root_dir=out, max_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     trainer.fit(module, datamodule=dm)

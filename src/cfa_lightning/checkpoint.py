@@ -77,9 +77,16 @@ ADDED_HPARAMS = {
     "lr_schedule": "none",
     "untrained_epoch": False,
     "tap_cache_mb": 2048,
-    "bank": {"construction": "positional"},
+    "bank": {
+        "construction": "positional",
+        "size": None,
+        "max_patches": 2**17,
+        "projection_dim": 128,
+    },
     "tap_norm": False,
 }
+
+ADDED_BACKBONE = {"weights": "timm"}  # the backbone group's options added since the first release
 
 
 def written_by(ckpt: Mapping[str, Any]) -> str:
@@ -98,7 +105,14 @@ def rebuild_module(cls: type, ckpt: Mapping[str, Any], path: str | Path) -> Any:
             "of a CFALitModule built around a CFA object: build it with CFALitModule.from_config"
         )
     config = {**ADDED_HPARAMS, **{k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}}
-    config["backbone"] = {**hparams["backbone"], "pretrained": False, "checkpoint_path": None}
+    # a bank or backbone group saved before one of its options existed: read as those versions
+    config["bank"] = {**ADDED_HPARAMS["bank"], **config["bank"]}
+    config["backbone"] = {
+        **ADDED_BACKBONE,
+        **hparams["backbone"],
+        "pretrained": False,
+        "checkpoint_path": None,
+    }
     known = set(cls.config_keys())
     unknown, missing = sorted(config.keys() - known), sorted(known - config.keys())
     if unknown or missing:

@@ -28,15 +28,17 @@ class Backbone(nn.Module):
     Channel counts and strides come from timm's `feature_info`; the input mean/std from the
     model's `pretrained_cfg`, so any timm CNN works. Inputs are images in [0, 1]: the backbone
     normalises them itself, so the memory bank, training and scoring all see the same scale.
+    The settings have no defaults here: the backbone group (conf/backbone/*.yaml) holds them.
     """
 
     def __init__(
         self,
-        name: str = "wide_resnet50_2",
-        out_indices: Sequence[int] = (1, 2, 3),
-        pretrained: bool = True,
-        weights: str = "timm",
-        checkpoint_path: str | None = None,
+        name: str,
+        *,
+        out_indices: Sequence[int],
+        pretrained: bool,
+        weights: str,
+        checkpoint_path: str | None,
         channels_last: bool = True,
     ) -> None:
         super().__init__()

@@ -226,11 +226,7 @@ class Construction(abc.ABC):
             Construction.registry[cls.name] = cls
 
     def __init__(
-        self,
-        size: int | float | None = None,
-        gamma_c: int = 1,
-        seed: int = 0,
-        projection_dim: int | None = 128,
+        self, *, size: int | float | None, gamma_c: int, seed: int, projection_dim: int | None
     ) -> None:
         if gamma_c < 1:
             raise ValueError(f"model.gamma_c must be >= 1, got {gamma_c}")
@@ -424,7 +420,9 @@ def bank_size(
 ) -> int | None:
     """Number of centres M that ``construction`` gives with these options (None when a fraction
     is given and n_patches is not known yet); ValueError for options that give no bank."""
-    maker = construction_class(construction)(size=size, gamma_c=gamma_c)
+    maker = construction_class(construction)(
+        size=size, gamma_c=gamma_c, seed=0, projection_dim=None
+    )  # seed and projection do not change the count
     return maker.n_centres(height, width, n_patches)
 
 
@@ -439,7 +437,8 @@ class MemoryBank(nn.Module):
     patches (all of them while the pool stays within ``max_patches``) is kept as the pool the
     centres come from; otherwise float64 sums and a count make the mean of every position exact
     for any batch sizes. These are plain tensors, not buffers: nothing for DDP to broadcast,
-    nothing in checkpoints.
+    nothing in checkpoints. The settings have no defaults here: the bank group
+    (conf/model/bank/*.yaml) and conf/model/cfa.yaml (gamma_c, kmeans_seed) hold them.
     """
 
     def __init__(
@@ -447,12 +446,13 @@ class MemoryBank(nn.Module):
         dim: int,
         height: int,
         width: int,
-        construction: str = "positional",
-        size: int | float | None = None,
-        gamma_c: int = 1,
-        seed: int = 0,
-        max_patches: int = 2**17,
-        projection_dim: int | None = 128,
+        *,
+        construction: str,
+        size: int | float | None,
+        gamma_c: int,
+        seed: int,
+        max_patches: int,
+        projection_dim: int | None,
         **options: Any,
     ) -> None:
         super().__init__()
