@@ -33,7 +33,7 @@ def _checkpoint_sizes(ckpt_path: str, stamp: int | None) -> tuple[list[int], lis
     return list(resize), list(crop) if crop else None
 
 
-def trained_size(ckpt_path: str, key: str) -> list[int] | None:
+def checkpoint_data_size(ckpt_path: str, key: str) -> list[int] | None:
     """``image_size`` or ``crop_size`` of the data a checkpoint was trained on (for eval)."""
     stamp = os.stat(ckpt_path).st_mtime_ns if os.path.isfile(ckpt_path) else None
     resize, crop = _checkpoint_sizes(str(ckpt_path), stamp)
@@ -223,7 +223,7 @@ RESOLVERS = {
     "cfa_input_size": config_input_size,
     "cfa_sweep_group": sweep_group,
     "cfa_job_name": job_name,
-    "cfa_trained_size": trained_size,
+    "cfa_checkpoint_size": checkpoint_data_size,
     "cfa_folder_name": folder_name,
     "cfa_tasks_per_node": tasks_per_node,
     "cfa_gpus_per_node": gpus_per_node,
